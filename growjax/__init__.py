@@ -1,0 +1,15 @@
+"""growjax: grow pretrained Flax networks (wider, deeper) and fine-tune them.
+
+After Wang, Ramanan, Hebert, "Growing a Brain: Fine-Tuning by Increasing Model Capacity", CVPR 2017.
+"""
+from growjax import models
+from growjax.grow import GraftError, graft, grow_opt_state, grow_params, new_paths
+from growjax.groups import forward_order, param_labels, regime_names, scale_by_group, trainable_mask
+from growjax.models.growth import Growth
+from growjax.nn import MultiInputConv, MultiInputDense, NormScale
+
+__all__ = [
+    'GraftError', 'Growth', 'MultiInputConv', 'MultiInputDense', 'NormScale', 'forward_order', 'graft',
+    'grow_opt_state', 'grow_params', 'models', 'new_paths', 'param_labels', 'regime_names', 'scale_by_group',
+    'trainable_mask',
+]

@@ -1,0 +1,137 @@
+"""Parameter groups from tree paths: which leaves are new, which train, and at what learning rate.
+
+By principle 1 (pretrained leaves keep their paths) "new" is just "a path the pretrained tree
+lacks, or one reinitialised on purpose". Regimes (the paper's Table 1) pick which pretrained
+layers train; frozen leaves are split off before differentiation so they cost no gradient work.
+"""
+from __future__ import annotations
+
+from typing import Any, Iterable, Mapping, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from growjax.grow import Path, compile_patterns, flatten, matches_any, path_str, unflatten
+
+PRETRAINED, NEW = 'pretrained', 'new'
+
+
+def param_labels(params: Mapping, pretrained_params: Mapping, reinit: str | Iterable[str] = ()) -> dict:
+    """A tree like `params` of 'pretrained' / 'new' strings.
+
+    `pretrained_params` may be the values or just their shapes (jax.eval_shape of the ungrown
+    model). Reinit patterns are matched as in grow_params, so a reinitialised classifier is new.
+    """
+    patterns = compile_patterns(reinit)
+    pretrained_flat = flatten(pretrained_params)
+    return unflatten({
+        path: NEW if path not in pretrained_flat or matches_any(path, patterns) else PRETRAINED
+        for path in flatten(params)})
+
+
+def _layer_groups(layer_order: Sequence[str]) -> list[str]:
+    """Layer names and their prefixes before the first '_', in order: 'stage4_block0' gives 'stage4'."""
+    groups = []
+    for layer in layer_order:
+        for name in (layer.split('_')[0], layer):
+            if name not in groups:
+                groups.append(name)
+    return groups
+
+
+def regime_names(layer_order: Sequence[str]) -> list[str]:
+    """The regimes a model supports: 'new', '<layer>_new' for each top-level layer or layer prefix
+    (e.g. 'fc7_new', 'stage4_new'), and 'all'."""
+    return ['new', *(f'{name}_new' for name in _layer_groups(layer_order)), 'all']
+
+
+def trainable_mask(labels: Mapping, regime: str, layer_order: Sequence[str]) -> dict:
+    """A tree of bools: which leaves train under `regime` (the paper's Table 1).
+
+    'new': only new leaves (new layers, new fan-in, the new classifier). '<name>_new': new leaves
+    plus every pretrained leaf from the first top-level layer called `name` (or starting with
+    `name_`) upwards in `layer_order`, e.g. 'fc7_new' or, for ResNets, 'stage4_new'. 'all': all.
+    `layer_order` lists the pretrained top-level layer names bottom to top (see `forward_order`).
+    """
+    valid = regime_names(layer_order)
+    if regime not in valid:
+        raise ValueError(f'Unknown regime {regime!r}; this model supports {valid}.')
+    if regime == 'all':
+        trainable_layers = set(layer_order)
+    elif regime == 'new':
+        trainable_layers = set()
+    else:
+        name = regime[:-len('_new')]
+        start = next(i for i, layer in enumerate(layer_order) if layer == name or layer.startswith(name + '_'))
+        trainable_layers = set(layer_order[start:])
+    return unflatten({
+        path: label == NEW or path[0] in trainable_layers for path, label in flatten(labels).items()})
+
+
+def forward_order(model, rng: jax.Array, *sample_args) -> list[str]:
+    """Top-level parameter names of `model` in the order the forward pass creates them.
+
+    Flax's init records modules in call order, which for a feed-forward network is bottom to top;
+    this avoids a hand-written layer list per model. Costs no computation: the init is only traced
+    (and the order read inside the trace, since pytree flattening would sort the keys).
+    """
+    order: list[str] = []
+
+    def record(key):
+        order.extend(model.init(key, *sample_args)['params'])
+
+    jax.eval_shape(record, rng)
+    return order
+
+
+def split(tree: Mapping, mask: Mapping) -> tuple[dict, dict]:
+    """(trainable, frozen) sub-trees of `tree`; `merge` puts them back together."""
+    mask_flat = flatten(mask)
+    trainable, frozen = {}, {}
+    for path, leaf in flatten(tree).items():
+        (trainable if mask_flat[path] else frozen)[path] = leaf
+    return unflatten(trainable), unflatten(frozen)
+
+
+def merge(trainable: Mapping, frozen: Mapping) -> dict:
+    return unflatten({**flatten(frozen), **flatten(trainable)})
+
+
+class ScaleByGroupState(NamedTuple):
+    """No state: the multipliers are static, derived from tree paths."""
+
+
+def scale_by_group(labels: Mapping, multipliers: Mapping[str, float]) -> optax.GradientTransformation:
+    """Multiplies each leaf's update by the multiplier of its label (paper: new layers at 10x).
+
+    Put it after the optimiser (e.g. `optax.chain(sgd, scale_by_group(...))`): for SGD with
+    momentum that is exactly a per-group learning rate. `labels` must be shaped like the updates.
+    """
+    missing = {label for label in jax.tree_util.tree_leaves(labels)} - set(multipliers)
+    if missing:
+        raise ValueError(f'scale_by_group: no multiplier for label(s) {sorted(missing)}; got {dict(multipliers)}.')
+
+    def init_fn(params):
+        del params
+        return ScaleByGroupState()
+
+    def update_fn(updates, state, params=None):
+        del params
+        scaled = jax.tree_util.tree_map(lambda u, label: u * jnp.asarray(multipliers[label], u.dtype),
+                                        updates, labels)
+        return scaled, state
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def describe(labels: Mapping, mask: Mapping, params: Mapping) -> str:
+    """A one-line-per-layer summary (label, trains?, parameter count) for logs."""
+    counts: dict[tuple[str, str, bool], int] = {}
+    mask_flat = flatten(mask)
+    params_flat = flatten(params)
+    for path, label in flatten(labels).items():
+        key = (path[0], label, bool(mask_flat[path]))
+        counts[key] = counts.get(key, 0) + int(jnp.size(params_flat[path]))
+    return '\n'.join(f'{layer:24s} {label:10s} {"train" if trains else "frozen":6s} {n:>12,d}'
+                     for (layer, label, trains), n in counts.items())

@@ -1,0 +1,96 @@
+"""The growth spec: which layers a model widens or deepens, and how old and new units meet."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Mapping
+
+
+def _as_pairs(value, what: str) -> tuple[tuple[str, int], ...]:
+    """Normalises a {name: count} mapping (or pairs) into a sorted tuple, so specs hash and compare."""
+    items = value.items() if isinstance(value, Mapping) else tuple(value)
+    pairs = []
+    for name, count in items:
+        if not isinstance(name, str):
+            raise TypeError(f'Growth.{what}: layer names must be strings, got {name!r}.')
+        if isinstance(count, bool) or not isinstance(count, int) or count <= 0:
+            raise ValueError(f'Growth.{what}[{name!r}] must be a positive integer, got {count!r}.')
+        pairs.append((name, count))
+    return tuple(sorted(pairs))
+
+
+@dataclasses.dataclass(frozen=True)
+class Growth:
+    """How to grow a pretrained architecture.
+
+    widen:  {layer: units added beside it}. For the fc heads of small_cnn/alexnet/vgg16 the layers
+            are 'fc6' and 'fc7'; for ResNets a stage name ('stage1'..'stage4') and the number of
+            channels added to the inner width of every block of that stage.
+    deepen: {layer: size}. For fc heads only 'fc7': a new layer `fc_a` of that many units on top of
+            fc7 (fed by all of fc7's groups). For ResNets a stage and the number of residual blocks
+            inserted at its end.
+    norm_scale: apply NormScale wherever a layer reads the output of a new layer (the paper's
+            "grow"; False is its "ori"). scale_init is gamma's starting value.
+
+    The paper's variants are the presets `wa`, `da`, `dwa`, `wwa`.
+    """
+    widen: tuple[tuple[str, int], ...] = ()
+    deepen: tuple[tuple[str, int], ...] = ()
+    norm_scale: bool = True
+    scale_init: float = 10.0
+
+    def __post_init__(self):
+        object.__setattr__(self, 'widen', _as_pairs(self.widen, 'widen'))
+        object.__setattr__(self, 'deepen', _as_pairs(self.deepen, 'deepen'))
+        if self.scale_init <= 0:
+            raise ValueError(f'Growth.scale_init must be positive, got {self.scale_init}.')
+
+    @property
+    def widen_by(self) -> dict[str, int]:
+        return dict(self.widen)
+
+    @property
+    def deepen_by(self) -> dict[str, int]:
+        return dict(self.deepen)
+
+    @classmethod
+    def wa(cls, units: int, **kwargs) -> 'Growth':
+        """WA: fc7 widened by `units` new units fed by fc6."""
+        return cls(widen={'fc7': units}, **kwargs)
+
+    @classmethod
+    def da(cls, units: int, **kwargs) -> 'Growth':
+        """DA: a new layer fc_a of `units` units on top of fc7."""
+        return cls(deepen={'fc7': units}, **kwargs)
+
+    @classmethod
+    def dwa(cls, units: int, **kwargs) -> 'Growth':
+        """DWA: fc7 widened by `units`, and fc_a (`units` units) fed by [fc7, fc7_plus]."""
+        return cls(widen={'fc7': units}, deepen={'fc7': units}, **kwargs)
+
+    @classmethod
+    def wwa(cls, units: int, **kwargs) -> 'Growth':
+        """WWA: fc6 widened by units/2 and fc7 by `units` (fc7_plus fed by [fc6, fc6_plus])."""
+        if units < 2:
+            raise ValueError(f'Growth.wwa needs at least 2 units (fc6 gets units/2), got {units}.')
+        return cls(widen={'fc6': units // 2, 'fc7': units}, **kwargs)
+
+    @classmethod
+    def from_method(cls, method: str, units: int, **kwargs) -> 'Growth | None':
+        """The paper's method names: 'finetune' (no growth: None), 'wa', 'da', 'dwa', 'wwa'."""
+        if method == 'finetune':
+            return None
+        presets = {'wa': cls.wa, 'da': cls.da, 'dwa': cls.dwa, 'wwa': cls.wwa}
+        if method not in presets:
+            raise ValueError(f'Unknown growth method {method!r}; expected one of '
+                             f"{['finetune', *presets]}.")
+        return presets[method](units, **kwargs)
+
+
+def check_layer_names(growth: Growth, widenable: tuple[str, ...], deepenable: tuple[str, ...], model: str):
+    """Raises a ValueError naming the layer when a spec asks to grow a layer the model lacks."""
+    for name, _ in growth.widen:
+        if name not in widenable:
+            raise ValueError(f'{model}: cannot widen {name!r}; widenable layers are {list(widenable)}.')
+    for name, _ in growth.deepen:
+        if name not in deepenable:
+            raise ValueError(f'{model}: cannot deepen {name!r}; deepenable layers are {list(deepenable)}.')

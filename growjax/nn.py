@@ -1,0 +1,159 @@
+"""Building blocks for grown networks: NormScale and layers that read several unit groups.
+
+Naming is the contract of the whole library: a layer that gains inputs keeps its pretrained
+`kernel`/`bias` for the original group and gets one new subtree `from_<group>` per added group,
+so every pretrained leaf keeps its path and shape (DESIGN.md, principle 1).
+"""
+from __future__ import annotations
+
+import itertools
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+
+# Squared-norm floor: below it a group is treated as all zero (after ReLU it often is). Using
+# max(sum_sq, EPS) rather than sqrt(sum_sq + eps) keeps the gradient at exactly zero groups finite
+# (d max / d sum_sq = 0 there) while leaving every non-degenerate norm untouched.
+NORM_EPS = 1e-12
+
+
+def l2_normalize_groups(x: jax.Array, group_sizes: Sequence[int]) -> list[jax.Array]:
+    """Splits the last axis of `x` into groups and L2-normalises each group per position.
+
+    The norm is taken in float32 whatever the input dtype, because a bfloat16 sum of squares over
+    thousands of units loses the precision the division then amplifies.
+    """
+    if sum(group_sizes) != x.shape[-1]:
+        raise ValueError(
+            f'NormScale: group sizes {tuple(group_sizes)} sum to {sum(group_sizes)}, but the input '
+            f'has {x.shape[-1]} units on its last axis (shape {x.shape}).')
+    boundaries = list(itertools.accumulate(group_sizes))[:-1]
+    normalized = []
+    for group in jnp.split(x, boundaries, axis=-1):
+        g32 = group.astype(jnp.float32)
+        sum_sq = jnp.sum(jnp.square(g32), axis=-1, keepdims=True)
+        normalized.append((g32 * jax.lax.rsqrt(jnp.maximum(sum_sq, NORM_EPS))).astype(x.dtype))
+    return normalized
+
+
+class NormScale(nn.Module):
+    """Per-group L2 normalisation with a learned per-unit scale (Growing a Brain, Sec. 3.3; ParseNet).
+
+    Old and new units have very different magnitudes (pretrained activations are large, fresh ones
+    small), so a layer reading both learns mostly from the old ones. Normalising each group to unit
+    norm per example, then multiplying every unit by its own learned scale gamma (initialised to
+    `scale_init`, the paper follows ParseNet's 10 or 20), lets both groups learn at the same pace.
+
+    The last axis holds the units; for NHWC feature maps the norm is over the channels at each
+    spatial position. A group that is all zero maps to zero with finite gradients. Each group's
+    scale is its own leaf `scale_<i>`, so adding a group later (continual growth) adds a leaf
+    instead of changing the shape of an existing one.
+    """
+    group_sizes: Sequence[int]
+    scale_init: float = 10.0
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        if any(size <= 0 for size in self.group_sizes):
+            raise ValueError(f'NormScale: group sizes must be positive, got {tuple(self.group_sizes)}.')
+        outputs = []
+        for i, (size, group) in enumerate(zip(self.group_sizes, l2_normalize_groups(x, self.group_sizes))):
+            scale = self.param(f'scale_{i}', nn.initializers.constant(self.scale_init), (size,), jnp.float32)
+            outputs.append(group * scale.astype(group.dtype))
+        return jnp.concatenate(outputs, axis=-1)
+
+
+class MultiInputDense(nn.Module):
+    """A dense layer over several input groups: y = x_0 W + b + sum_i x_i W_i.
+
+    The first group uses the plain `kernel`/`bias` names of `nn.Dense`, so a pretrained Dense layer
+    grafts onto it unchanged; group i > 0 gets a bias-free `from_<name_i>` sub-layer. With
+    `zero_new_fan_in`, the added kernels start at zero, so the layer computes exactly what the
+    pretrained one did (function-preserving growth).
+    """
+    features: int
+    extra_input_names: Sequence[str] = ()
+    zero_new_fan_in: bool = False
+    kernel_init: nn.initializers.Initializer = nn.initializers.lecun_normal()
+    dtype: jnp.dtype | None = None
+
+    @nn.compact
+    def __call__(self, inputs: Sequence[jax.Array]) -> jax.Array:
+        if len(inputs) != 1 + len(self.extra_input_names):
+            raise ValueError(f'{self.name}: got {len(inputs)} input groups, expected '
+                             f'{1 + len(self.extra_input_names)} (original + {list(self.extra_input_names)}).')
+        y = self._own_dense(inputs[0])
+        new_init = nn.initializers.zeros if self.zero_new_fan_in else self.kernel_init
+        for name, x in zip(self.extra_input_names, inputs[1:]):
+            y = y + nn.Dense(self.features, use_bias=False, kernel_init=new_init, dtype=self.dtype,
+                             name=f'from_{name}')(x)
+        return y
+
+    def _own_dense(self, x: jax.Array) -> jax.Array:
+        # Parameters directly under this module (not a child), so the path matches a plain nn.Dense.
+        kernel = self.param('kernel', self.kernel_init, (x.shape[-1], self.features), jnp.float32)
+        bias = self.param('bias', nn.initializers.zeros, (self.features,), jnp.float32)
+        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+        return x @ kernel + bias
+
+
+class MultiInputConv(nn.Module):
+    """The convolutional twin of MultiInputDense: `kernel`/`bias` for the original channels and a
+    bias-free `from_<name>` convolution per added channel group (used to widen ResNet stages)."""
+    features: int
+    kernel_size: Sequence[int]
+    strides: Sequence[int] = (1, 1)
+    padding: str | Sequence[tuple[int, int]] = 'SAME'
+    use_bias: bool = True
+    extra_input_names: Sequence[str] = ()
+    zero_new_fan_in: bool = False
+    kernel_init: nn.initializers.Initializer = nn.initializers.lecun_normal()
+    dtype: jnp.dtype | None = None
+
+    @nn.compact
+    def __call__(self, inputs: Sequence[jax.Array]) -> jax.Array:
+        if len(inputs) != 1 + len(self.extra_input_names):
+            raise ValueError(f'{self.name}: got {len(inputs)} input groups, expected '
+                             f'{1 + len(self.extra_input_names)}.')
+        conv_args = dict(features=self.features, kernel_size=tuple(self.kernel_size), strides=tuple(self.strides),
+                         padding=self.padding, dtype=self.dtype)
+        y = self._own_conv(inputs[0], conv_args)
+        new_init = nn.initializers.zeros if self.zero_new_fan_in else self.kernel_init
+        for name, x in zip(self.extra_input_names, inputs[1:]):
+            y = y + nn.Conv(**conv_args, use_bias=False, kernel_init=new_init, name=f'from_{name}')(x)
+        return y
+
+    def _own_conv(self, x, conv_args):
+        # Parameters directly under this module (not a child), so the path matches a plain nn.Conv.
+        kernel = self.param('kernel', self.kernel_init, (*conv_args['kernel_size'], x.shape[-1], self.features),
+                            jnp.float32)
+        bias = self.param('bias', nn.initializers.zeros, (self.features,), jnp.float32) if self.use_bias else None
+        x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
+        y = jax.lax.conv_general_dilated(
+            x, kernel, window_strides=conv_args['strides'],
+            padding=self.padding if isinstance(self.padding, str) else tuple(self.padding),
+            dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+        return y if bias is None else y + bias.astype(y.dtype)
+
+
+def adaptive_avg_pool(x: jax.Array, output_size: tuple[int, int]) -> jax.Array:
+    """PyTorch's AdaptiveAvgPool2d on NHWC maps: bin i covers [floor(i H / o), ceil((i+1) H / o)).
+
+    AlexNet and VGG pool to a fixed grid before fc6; matching torchvision exactly keeps published
+    weights usable and lets tiny test inputs reuse the same architecture.
+    """
+    _, height, width, _ = x.shape
+    out_h, out_w = output_size
+    if (height, width) == (out_h, out_w):
+        return x
+    rows = []
+    for i in range(out_h):
+        h0, h1 = (i * height) // out_h, -((-(i + 1) * height) // out_h)
+        cols = []
+        for j in range(out_w):
+            w0, w1 = (j * width) // out_w, -((-(j + 1) * width) // out_w)
+            cols.append(jnp.mean(x[:, h0:h1, w0:w1, :], axis=(1, 2)))
+        rows.append(jnp.stack(cols, axis=1))
+    return jnp.stack(rows, axis=1)
