@@ -116,9 +116,10 @@ def grow_params(pretrained_variables: Mapping, model, rng: jax.Array, *sample_ar
                             'know how to initialise its new parts to preserve the function.')
         model = model.clone(preserve_function=True)
     patterns = compile_patterns(reinit)
-    # Check strictness before running the (possibly large) init, from shapes alone.
+    # Check strictness before running the (possibly large) init, from shapes alone. The init is
+    # jitted (inlined when grow_params itself runs under jit): one compile instead of op by op.
     graft_plan(pretrained_variables, jax.eval_shape(model.init, rng, *sample_args), patterns)
-    return graft(pretrained_variables, model.init(rng, *sample_args), patterns)
+    return graft(pretrained_variables, jax.jit(model.init)(rng, *sample_args), patterns)
 
 
 def new_paths(grown: Mapping, pretrained: Mapping, reinit: str | Iterable[str] = ()) -> set[Path]:

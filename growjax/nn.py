@@ -7,6 +7,7 @@ so every pretrained leaf keeps its path and shape (DESIGN.md, principle 1).
 from __future__ import annotations
 
 import itertools
+import math
 from typing import Sequence
 
 import jax
@@ -17,6 +18,20 @@ import flax.linen as nn
 # max(sum_sq, EPS) rather than sqrt(sum_sq + eps) keeps the gradient at exactly zero groups finite
 # (d max / d sum_sq = 0 there) while leaving every non-degenerate norm untouched.
 NORM_EPS = 1e-12
+
+
+def lecun_normal_flat(key: jax.Array, shape: Sequence[int], dtype=jnp.float32) -> jax.Array:
+    """Flax's default kernel init (truncated normal, variance 1/fan_in), drawn flat then reshaped.
+
+    Same distribution as `nn.initializers.lecun_normal()`, with fan_in = prod(shape[:-1]) for dense
+    (in, out) and conv (h, w, in, out) kernels alike. Drawn as one vector because XLA:CPU takes
+    seconds to compile partitionable threefry for small multi-axis shapes (measured here with jax
+    0.10.2: 13 s for (3, 3, 8, 16), 0.5 s for the same numbers drawn flat), which made every model
+    init slow.
+    """
+    fan_in = math.prod(shape[:-1])
+    stddev = math.sqrt(1.0 / fan_in) / .87962566103423978  # std of a unit normal truncated to [-2, 2]
+    return (jax.random.truncated_normal(key, -2.0, 2.0, (math.prod(shape),), dtype) * stddev).reshape(shape)
 
 
 def l2_normalize_groups(x: jax.Array, group_sizes: Sequence[int]) -> list[jax.Array]:
@@ -76,7 +91,7 @@ class MultiInputDense(nn.Module):
     features: int
     extra_input_names: Sequence[str] = ()
     zero_new_fan_in: bool = False
-    kernel_init: nn.initializers.Initializer = nn.initializers.lecun_normal()
+    kernel_init: nn.initializers.Initializer = lecun_normal_flat
     dtype: jnp.dtype | None = None
 
     @nn.compact
@@ -109,7 +124,7 @@ class MultiInputConv(nn.Module):
     use_bias: bool = True
     extra_input_names: Sequence[str] = ()
     zero_new_fan_in: bool = False
-    kernel_init: nn.initializers.Initializer = nn.initializers.lecun_normal()
+    kernel_init: nn.initializers.Initializer = lecun_normal_flat
     dtype: jnp.dtype | None = None
 
     @nn.compact

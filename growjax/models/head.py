@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from growjax.models.growth import Growth, check_layer_names
-from growjax.nn import MultiInputDense, NormScale
+from growjax.nn import MultiInputDense, NormScale, lecun_normal_flat
 
 WIDENABLE = ('fc6', 'fc7')
 DEEPENABLE = ('fc7',)
@@ -74,7 +74,8 @@ class FcHeadNet(nn.Module):
     def _layer(self, name: str, units: int, groups, train: bool):
         """Old layer `name` (reads the old group only) plus, if widened, `name_plus` (reads all)."""
         old_name, old_array, _ = groups[0]
-        out = [(name, self._activate(nn.Dense(units, dtype=self.dtype, name=name)(old_array), train), False)]
+        dense = nn.Dense(units, dtype=self.dtype, kernel_init=lecun_normal_flat, name=name)
+        out = [(name, self._activate(dense(old_array), train), False)]
         extra = self.growth.widen_by.get(name) if self.growth else None
         if extra:
             plus = MultiInputDense(extra, extra_input_names=[g[0] for g in groups[1:]], dtype=self.dtype,
@@ -105,7 +106,7 @@ class FcHeadNet(nn.Module):
             fc_a = MultiInputDense(
                 fc_a_units, extra_input_names=[g[0] for g in groups[1:]], dtype=self.dtype,
                 zero_new_fan_in=self.preserve_function,
-                kernel_init=_identity_init if self.preserve_function else nn.initializers.lecun_normal(),
+                kernel_init=_identity_init if self.preserve_function else lecun_normal_flat,
                 name='fc_a')(self._read(groups, 'fc_a'))
             groups = [('fc_a', self._activate(fc_a, train), True)]
         inputs = self._read(groups, 'classifier')

@@ -5,6 +5,7 @@ import jax
 import flax.linen as nn
 
 from growjax.models.head import FcHeadNet
+from growjax.nn import lecun_normal_flat
 
 
 class SmallCNN(FcHeadNet):
@@ -30,7 +31,7 @@ class SmallCNN(FcHeadNet):
     def trunk(self, x: jax.Array, train: bool) -> jax.Array:
         del train
         for name, channels in (('conv1', 32), ('conv2', 64)):
-            x = nn.relu(nn.Conv(self._units(channels), (3, 3), dtype=self.dtype, name=name)(x))
+            x = nn.relu(nn.Conv(self._units(channels), (3, 3), dtype=self.dtype, kernel_init=lecun_normal_flat, name=name)(x))
             if min(x.shape[1:3]) > 2:
                 x = nn.max_pool(x, (2, 2), strides=(2, 2))
         return x

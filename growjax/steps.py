@@ -1,0 +1,141 @@
+"""Train state, optimiser groups and the data-parallel train / eval steps.
+
+The trainable and frozen parameters live in separate trees, and the step differentiates the
+trainable tree only: XLA then never computes a gradient for a frozen leaf (and, below the lowest
+trainable layer, no backward pass at all). The optimiser state exists for trainable leaves only.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from growjax.grow import flatten, unflatten
+from growjax.groups import NEW, PRETRAINED, merge, scale_by_group, split
+
+PyTree = Any
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    trainable: PyTree
+    frozen: PyTree
+    batch_stats: PyTree
+    opt_state: PyTree
+
+    def variables(self) -> dict:
+        """The model's variables, as `model.apply` takes them."""
+        variables = {'params': merge(self.trainable, self.frozen)}
+        if self.batch_stats:
+            variables['batch_stats'] = self.batch_stats
+        return variables
+
+
+def create_state(variables: Mapping, trainable_mask: Mapping, optimizer: optax.GradientTransformation,
+                 ) -> TrainState:
+    """Splits `variables['params']` by `trainable_mask` and initialises the optimiser on the trainable part."""
+    trainable, frozen = split(variables['params'], trainable_mask)
+    return TrainState(step=jnp.zeros((), jnp.int32), trainable=trainable, frozen=frozen,
+                      batch_stats=variables.get('batch_stats', {}), opt_state=optimizer.init(trainable))
+
+
+def decay_mask(params: Mapping) -> dict:
+    """Weight decay on kernels only: decaying biases, BatchNorm and NormScale scales would pull the
+    learned per-unit scales towards zero, which undoes the normalisation."""
+    return unflatten({path: path[-1] == 'kernel' for path in flatten(params)})
+
+
+def make_optimizer(trainable_labels: Mapping, *, learning_rate: optax.ScalarOrSchedule, momentum: float,
+                   weight_decay: float, new_lr_multiplier: float, pretrained_lr_multiplier: float = 1.0,
+                   ) -> optax.GradientTransformation:
+    """The paper's optimiser: SGD with momentum and weight decay, new layers at a higher learning rate.
+
+    `trainable_labels` are the 'pretrained'/'new' labels of the trainable tree.
+    """
+    return optax.chain(
+        optax.add_decayed_weights(weight_decay, mask=decay_mask),
+        optax.sgd(learning_rate, momentum=momentum or None),
+        scale_by_group(trainable_labels, {PRETRAINED: pretrained_lr_multiplier, NEW: new_lr_multiplier}),
+    )
+
+
+def step_schedule(base_lr: float, total_steps: int, decay_at: tuple[float, ...], factor: float = 0.1):
+    """The paper's step schedule: the learning rate times `factor` at each fraction in `decay_at`."""
+    return optax.piecewise_constant_schedule(
+        base_lr, {max(1, int(round(fraction * total_steps))): factor for fraction in decay_at})
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
+    if mask is None:
+        return losses.mean()
+    return (losses * mask).sum() / jnp.maximum(mask.sum(), 1.0)
+
+
+def make_train_step(model, optimizer: optax.GradientTransformation, dropout_rng: jax.Array) -> Callable:
+    """A pure step (state, batch) -> (state, metrics); jit it with `shard_step`."""
+
+    def loss_fn(trainable, state: TrainState, batch, rng):
+        variables = {'params': merge(trainable, state.frozen)}
+        mutable = []
+        if state.batch_stats:
+            variables['batch_stats'] = state.batch_stats
+            mutable = ['batch_stats']
+        logits, model_updates = model.apply(variables, batch['image'], train=True, mutable=mutable,
+                                            rngs={'dropout': rng})
+        loss = cross_entropy(logits, batch['label'])
+        return loss, (logits, model_updates.get('batch_stats', state.batch_stats))
+
+    def train_step(state: TrainState, batch) -> tuple[TrainState, dict]:
+        rng = jax.random.fold_in(dropout_rng, state.step)
+        (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state.trainable, state, batch, rng)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable)
+        new_state = state.replace(step=state.step + 1, trainable=optax.apply_updates(state.trainable, updates),
+                                  batch_stats=batch_stats, opt_state=opt_state)
+        accuracy = jnp.mean(jnp.argmax(logits, -1) == batch['label'])
+        return new_state, {'loss': loss, 'accuracy': accuracy}
+
+    return train_step
+
+
+def make_eval_step(model) -> Callable:
+    """(state, batch) -> summed loss, correct and count over the batch's real (mask=1) examples."""
+
+    def eval_step(state: TrainState, batch) -> dict:
+        logits = model.apply(state.variables(), batch['image'], train=False)
+        mask = batch.get('mask', jnp.ones(batch['label'].shape, jnp.float32))
+        losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), batch['label'])
+        correct = (jnp.argmax(logits, -1) == batch['label']).astype(jnp.float32)
+        return {'loss_sum': (losses * mask).sum(), 'correct': (correct * mask).sum(), 'count': mask.sum()}
+
+    return eval_step
+
+
+def data_mesh(devices=None) -> Mesh:
+    """A 1-D mesh over all devices of all processes: the batch is split over it, params replicated."""
+    return Mesh(np.array(jax.devices() if devices is None else devices), ('data',))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P('data'))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def shard_train_step(train_step: Callable, mesh: Mesh) -> Callable:
+    """jit over the mesh: state replicated and donated (updated in place), batch split on 'data'."""
+    return jax.jit(train_step, in_shardings=(replicated(mesh), batch_sharding(mesh)),
+                   out_shardings=(replicated(mesh), replicated(mesh)), donate_argnums=0)
+
+
+def shard_eval_step(eval_step: Callable, mesh: Mesh) -> Callable:
+    return jax.jit(eval_step, in_shardings=(replicated(mesh), batch_sharding(mesh)), out_shardings=replicated(mesh))
