@@ -13,11 +13,13 @@ import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
+from growjax.errors import UserError
+
 PyTree = Any
 Path = tuple[str, ...]
 
 
-class GraftError(ValueError):
+class GraftError(UserError):
     """A pretrained leaf has no place in the grown tree, or a different shape there."""
 
 

@@ -4,6 +4,12 @@ from __future__ import annotations
 import dataclasses
 from typing import Mapping
 
+from growjax.errors import UserError
+
+
+class GrowthError(UserError):
+    """A growth spec that the model cannot apply (unknown layer, non-positive size)."""
+
 
 def _as_pairs(value, what: str) -> tuple[tuple[str, int], ...]:
     """Normalises a {name: count} mapping (or pairs) into a sorted tuple, so specs hash and compare."""
@@ -11,9 +17,9 @@ def _as_pairs(value, what: str) -> tuple[tuple[str, int], ...]:
     pairs = []
     for name, count in items:
         if not isinstance(name, str):
-            raise TypeError(f'Growth.{what}: layer names must be strings, got {name!r}.')
+            raise GrowthError(f'Growth.{what}: layer names must be strings, got {name!r}.')
         if isinstance(count, bool) or not isinstance(count, int) or count <= 0:
-            raise ValueError(f'Growth.{what}[{name!r}] must be a positive integer, got {count!r}.')
+            raise GrowthError(f'Growth.{what}[{name!r}] must be a positive integer, got {count!r}.')
         pairs.append((name, count))
     return tuple(sorted(pairs))
 
@@ -42,7 +48,7 @@ class Growth:
         object.__setattr__(self, 'widen', _as_pairs(self.widen, 'widen'))
         object.__setattr__(self, 'deepen', _as_pairs(self.deepen, 'deepen'))
         if self.scale_init <= 0:
-            raise ValueError(f'Growth.scale_init must be positive, got {self.scale_init}.')
+            raise GrowthError(f'Growth.scale_init must be positive, got {self.scale_init}.')
 
     @property
     def widen_by(self) -> dict[str, int]:
@@ -71,7 +77,7 @@ class Growth:
     def wwa(cls, units: int, **kwargs) -> 'Growth':
         """WWA: fc6 widened by units/2 and fc7 by `units` (fc7_plus fed by [fc6, fc6_plus])."""
         if units < 2:
-            raise ValueError(f'Growth.wwa needs at least 2 units (fc6 gets units/2), got {units}.')
+            raise GrowthError(f'Growth.wwa needs at least 2 units (fc6 gets units/2), got {units}.')
         return cls(widen={'fc6': units // 2, 'fc7': units}, **kwargs)
 
     @classmethod
@@ -81,16 +87,16 @@ class Growth:
             return None
         presets = {'wa': cls.wa, 'da': cls.da, 'dwa': cls.dwa, 'wwa': cls.wwa}
         if method not in presets:
-            raise ValueError(f'Unknown growth method {method!r}; expected one of '
+            raise GrowthError(f'Unknown growth method {method!r}; expected one of '
                              f"{['finetune', *presets]}.")
         return presets[method](units, **kwargs)
 
 
 def check_layer_names(growth: Growth, widenable: tuple[str, ...], deepenable: tuple[str, ...], model: str):
-    """Raises a ValueError naming the layer when a spec asks to grow a layer the model lacks."""
+    """Raises a GrowthError naming the layer when a spec asks to grow a layer the model lacks."""
     for name, _ in growth.widen:
         if name not in widenable:
-            raise ValueError(f'{model}: cannot widen {name!r}; widenable layers are {list(widenable)}.')
+            raise GrowthError(f'{model}: cannot widen {name!r}; widenable layers are {list(widenable)}.')
     for name, _ in growth.deepen:
         if name not in deepenable:
-            raise ValueError(f'{model}: cannot deepen {name!r}; deepenable layers are {list(deepenable)}.')
+            raise GrowthError(f'{model}: cannot deepen {name!r}; deepenable layers are {list(deepenable)}.')

@@ -1,0 +1,9 @@
+"""The base class of every error a user can fix by changing a config, a path or an input.
+
+main.py prints such errors as one line (no traceback) and exits non-zero; everything else is a
+bug and keeps its traceback.
+"""
+
+
+class UserError(ValueError):
+    """Bad input: the message names the culprit (config key, parameter path, file, shape) and the fix."""

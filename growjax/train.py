@@ -1,0 +1,249 @@
+"""The grow-and-fine-tune job behind `main.py`: data, growth, sharded training, checkpoints, outputs."""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from growjax import checkpoint, config_lib, data, groups, models, steps
+from growjax.errors import UserError
+from growjax.grow import grow_params
+from growjax.outputs import MetricsWriter, ProgressBar, plot_curves
+
+log = logging.getLogger('growjax')
+
+
+class TrainingDiverged(UserError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+def build_model(config: ml_collections.ConfigDict, num_classes: int):
+    """The (grown) model the config describes."""
+    growth = config_lib.growth_from_config(config)
+    kwargs = {'width': config.model.width, 'dropout_rate': config.model.dropout_rate,
+              'dtype': jnp.bfloat16 if config.model.dtype == 'bfloat16' else None}
+    return models.get(config.model.name, num_classes=num_classes, growth=growth, **kwargs)
+
+
+def model_description(config: ml_collections.ConfigDict, num_classes: int) -> dict:
+    """What the export's model.json records: enough to rebuild the architecture."""
+    return {'name': config.model.name, 'num_classes': num_classes, 'width': config.model.width,
+            'dropout_rate': config.model.dropout_rate, 'growth': config.growth.to_dict(),
+            'image_size': config.data.image_size}
+
+
+# ---------------------------------------------------------------------------------------------
+# Pretrained weights
+
+
+def builtin_pretrained_dir(config: ml_collections.ConfigDict) -> str:
+    """The cache folder of the built-in source model: a hash of everything that shapes it."""
+    pretrain = config_lib.pretrain_config(config)
+    key = json.dumps({k: pretrain[k].to_dict() for k in ('model', 'growth', 'data', 'train')} | {'seed': pretrain.seed},
+                     sort_keys=True, default=str)
+    digest = hashlib.sha256(key.encode()).hexdigest()[:12]
+    return os.path.join(config.init.cache_dir, 'pretrained', f'{config.model.name}_latin_{digest}')
+
+
+def load_pretrained(config: ml_collections.ConfigDict) -> dict | None:
+    """Pretrained variables for the config (None: train from scratch).
+
+    'builtin' pretrains the plain model on the source task the first time and caches it (later
+    runs reuse it); anything else is the path of a growjax export (a finished run's workdir).
+    """
+    source = config.init.pretrained
+    if not source:
+        return None
+    if source == 'builtin':
+        workdir = builtin_pretrained_dir(config)
+        if not os.path.isdir(os.path.join(workdir, checkpoint.EXPORT_DIR)):
+            log.info('Pretraining the built-in source model into %s (cached for later runs).', workdir)
+            train_and_evaluate(config_lib.pretrain_config(config), workdir)
+        source = workdir
+    if not os.path.exists(source):
+        raise config_lib.ConfigError(f'config.init.pretrained: {source} does not exist. Pass the workdir of a '
+                                     "finished growjax run (its export/), or 'builtin'.")
+    variables, _ = checkpoint.load_export(source)
+    return variables
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+
+
+def make_data(config: ml_collections.ConfigDict, mesh):
+    """The train iterator (device-prefetched), eval iterator factories and dataset metadata."""
+    d = config.data
+    meta = data.dataset_info(d.name, d.data_dir, d.image_size)
+    train_source = data.load_source(d.name, d.train_split, d.data_dir, d.image_size)
+    indices = None
+    if d.shots_per_class:
+        # The few-shot draw depends on the seed only, so methods compared at one seed see the same examples.
+        indices = data.few_shot_indices(data.read_labels(train_source), d.shots_per_class, seed=config.seed)
+    process = {'process_index': jax.process_index(), 'process_count': jax.process_count()}
+    normalise = {'image_size': d.image_size, 'mean': d.mean, 'std': d.std}
+    train_iter = data.make_train_iterator(
+        train_source, global_batch_size=config.train.batch_size, seed=config.seed, crop_padding=d.crop_padding,
+        flip=d.flip, indices=indices, **normalise, **process)
+
+    def eval_batches(split: str):
+        source = data.load_source(d.name, split, d.data_dir, d.image_size)
+        iterator = data.make_eval_iterator(source, global_batch_size=config.train.eval_batch_size, **normalise,
+                                           **process)
+        return data.device_prefetch(iterator, steps.batch_sharding(mesh))
+
+    image_shape = (d.image_size, d.image_size, meta.image_shape[-1])
+    return meta, train_iter, eval_batches, image_shape, 0 if indices is None else len(indices)
+
+
+def check_batch_sizes(config: ml_collections.ConfigDict) -> None:
+    devices = jax.device_count()
+    for key in ('batch_size', 'eval_batch_size'):
+        if config.train[key] % devices:
+            raise config_lib.ConfigError(
+                f'config.train.{key}={config.train[key]} is not divisible by the {devices} devices; '
+                f'use a multiple of {devices}.')
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
+
+
+def evaluate(eval_step, state, batches) -> dict[str, float]:
+    """Exact loss and accuracy over a split (padding masked out)."""
+    totals = None
+    for batch in batches:
+        out = eval_step(state, batch)
+        totals = out if totals is None else jax.tree_util.tree_map(jnp.add, totals, out)
+    batches.close()
+    totals = jax.device_get(totals)
+    count = max(float(totals['count']), 1.0)
+    return {'loss': float(totals['loss_sum']) / count, 'accuracy': float(totals['correct']) / count,
+            'examples': int(totals['count'])}
+
+
+def init_state(config, model, pretrained, mesh, image_shape):
+    """Grown (or fresh) variables, regime mask and optimiser, placed replicated on the mesh."""
+    rng = jax.random.key(config.seed)
+    init_rng, dropout_rng = jax.random.split(rng)
+    sample = jnp.zeros((1, *image_shape), jnp.float32)
+    replicated = steps.replicated(mesh)
+    if pretrained is None:
+        variables = jax.jit(model.init, out_shardings=replicated)(init_rng, sample)
+        pretrained_params = {}
+    else:
+        variables = jax.jit(
+            lambda p, key: grow_params(p, model, key, sample, reinit=tuple(config.init.reinit),
+                                       preserve_function=config.init.preserve_function),
+            out_shardings=replicated)(pretrained, init_rng)
+        pretrained_params = pretrained['params']
+    labels = groups.param_labels(variables['params'], pretrained_params, reinit=tuple(config.init.reinit))
+    plain = models.get(config.model.name, num_classes=2, width=config.model.width)
+    layer_order = groups.forward_order(plain, init_rng, sample)
+    try:
+        mask = groups.trainable_mask(labels, config.train.regime, layer_order)
+    except ValueError as err:
+        raise config_lib.ConfigError(f'config.train.regime: {err}') from None
+    trainable_labels, _ = groups.split(labels, mask)
+    schedule = steps.step_schedule(config.train.learning_rate, config.train.steps, tuple(config.train.lr_decay_at))
+    optimizer = steps.make_optimizer(trainable_labels, learning_rate=schedule, momentum=config.train.momentum,
+                                     weight_decay=config.train.weight_decay,
+                                     new_lr_multiplier=config.train.new_lr_multiplier)
+    state = jax.jit(lambda v: steps.create_state(v, mask, optimizer), out_shardings=replicated)(variables)
+    log.info('Parameters (layer, group, trains?, count):\n%s', groups.describe(labels, mask, variables['params']))
+    return state, optimizer, dropout_rng
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """Grows the pretrained model the config names, fine-tunes, evaluates; returns the summary.
+
+    Rerunning with the same workdir resumes from its latest checkpoint.
+    """
+    config_lib.validate(config)
+    if config.multihost:
+        jax.distributed.initialize()
+    check_batch_sizes(config)
+    os.makedirs(workdir, exist_ok=True)
+    mesh = steps.data_mesh()
+    pretrained = load_pretrained(config)
+    meta, train_iter, eval_batches, image_shape, train_examples = make_data(config, mesh)
+    model = build_model(config, meta.num_classes)
+    state, optimizer, dropout_rng = init_state(config, model, pretrained, mesh, image_shape)
+    train_step = steps.shard_train_step(steps.make_train_step(model, optimizer, dropout_rng), mesh)
+    eval_step = steps.shard_eval_step(steps.make_eval_step(model), mesh)
+
+    manager = checkpoint.checkpoint_manager(workdir, config.train.max_to_keep)
+    restored = checkpoint.restore_latest(manager, checkpoint.abstract_like(state))
+    start_step = 0
+    if restored is not None:
+        start_step, state, data_state = restored
+        train_iter.set_state(data_state)
+        log.info('Resumed from the checkpoint at step %d in %s.', start_step, workdir)
+    writer = MetricsWriter(workdir, resume_step=start_step)
+    if start_step == 0:
+        writer.write_config(config, meta, train_examples)
+
+    batches = data.device_prefetch(train_iter, steps.batch_sharding(mesh))
+    progress = ProgressBar(config.train.steps, start_step, enabled=config.train.progress and jax.process_index() == 0,
+                           description=os.path.basename(os.path.normpath(workdir)))
+    pending, window_start, window_steps = [], time.perf_counter(), 0
+    for step in range(start_step + 1, config.train.steps + 1):
+        state, metrics = train_step(state, next(batches))
+        pending.append(metrics)
+        window_steps += 1
+        if step % config.train.log_every == 0 or step == config.train.steps:
+            means = {k: float(np.mean([m[k] for m in jax.device_get(pending)])) for k in pending[0]}
+            if not np.isfinite(means['loss']):
+                raise TrainingDiverged(f'The training loss became {means["loss"]} at or before step {step}; the last '
+                                         f'good checkpoint is kept in {workdir}/checkpoints. Lower '
+                                         'config.train.learning_rate or check the data.')
+            images_per_second = window_steps * config.train.batch_size / (time.perf_counter() - window_start)
+            writer.write(step, 'train', {**means, 'images_per_second': images_per_second,
+                                         'learning_rate': float(optimizer_lr(config, step))})
+            progress.update(step, loss=means['loss'], accuracy=means['accuracy'], images_per_second=images_per_second)
+            pending, window_start, window_steps = [], time.perf_counter(), 0
+        if step % config.train.eval_every == 0 and step != config.train.steps:
+            writer.write(step, config.data.eval_split, evaluate(eval_step, state, eval_batches(config.data.eval_split)))
+        if step % config.train.checkpoint_every == 0 or step == config.train.steps:
+            checkpoint.save(manager, step, state, batches.get_state())
+    progress.close()
+    batches.close()
+    manager.wait_until_finished()
+
+    summary = final_evaluation(config, workdir, writer, eval_step, state, eval_batches)
+    checkpoint.export(workdir, state.variables(), model_description(config, meta.num_classes))
+    manager.close()
+    writer.close()
+    if jax.process_index() == 0:
+        plot_curves(workdir)
+    return summary
+
+
+def optimizer_lr(config, step: int) -> float:
+    return steps.step_schedule(config.train.learning_rate, config.train.steps, tuple(config.train.lr_decay_at))(step)
+
+
+def final_evaluation(config, workdir, writer, eval_step, state, eval_batches) -> dict[str, Any]:
+    """Evaluates on the validation and test splits and writes summary.json."""
+    step = int(jax.device_get(state.step))
+    summary = {'step': step, 'workdir': os.path.abspath(workdir), 'method': config.growth.method,
+               'regime': config.train.regime, 'dataset': config.data.name}
+    splits = [s for s in (config.data.val_split, config.data.eval_split) if s]
+    for split in dict.fromkeys(splits):
+        result = evaluate(eval_step, state, eval_batches(split))
+        writer.write(step, split, result)
+        summary[f'{split}_accuracy'] = result['accuracy']
+        summary[f'{split}_loss'] = result['loss']
+    summary['accuracy'] = summary[f'{config.data.eval_split}_accuracy']
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, 'summary.json'), 'w') as f:
+            json.dump(summary, f, indent=2)
+    return summary

@@ -1,0 +1,46 @@
+"""Grow a pretrained network and fine-tune it: `python main.py --config=configs/wide.py --workdir=DIR`.
+
+Thin on purpose: flags -> config -> growjax.train.train_and_evaluate. Every failure a user can
+cause (a bad config value, a missing dataset or weights file) ends in one line naming the culprit.
+"""
+import logging
+import sys
+
+from absl import app, flags
+from absl import logging as absl_logging
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file('config', None, 'Experiment config file, e.g. configs/wide.py[:preset].',
+                                lock_config=True)
+flags.DEFINE_string('workdir', None, 'Where checkpoints, metrics.jsonl, summary.json and plots go '
+                    '(rerunning with the same workdir resumes). Default: workdirs/<config name>.')
+
+
+def default_workdir(config_path: str) -> str:
+    name = config_path.split(':')[0].rstrip('/').split('/')[-1].removesuffix('.py')
+    preset = config_path.partition(':')[2]
+    return f'workdirs/{name}' + (f'_{preset}' if preset else '')
+
+
+def main(argv):
+    del argv
+    from growjax import train  # after flag parsing: JAX starts only for a real run
+    from growjax.errors import UserError
+
+    absl_logging.set_verbosity(absl_logging.WARNING)  # orbax and tfds log every file at INFO
+    logging.getLogger('growjax').setLevel(logging.INFO)
+    workdir = FLAGS.workdir or default_workdir(FLAGS['config'].config_filename)
+    try:
+        summary = train.train_and_evaluate(FLAGS.config, workdir)
+    except UserError as err:
+        print(f'error: {err}', file=sys.stderr)
+        return 2
+    print(f'{workdir}: final {FLAGS.config.data.eval_split} accuracy {summary["accuracy"]:.4f}'
+          f' (summary.json, metrics.jsonl, curves.png, tensorboard/, export/ in {workdir})')
+    return 0
+
+
+if __name__ == '__main__':
+    flags.mark_flag_as_required('config')
+    app.run(main)
