@@ -140,6 +140,7 @@ def init_state(config, model, pretrained, mesh, image_shape):
         variables = jax.jit(model.init, out_shardings=replicated)(init_rng, sample)
         pretrained_params = {}
     else:
+        pretrained = jax.device_put(pretrained, replicated)  # wherever it was loaded, onto this mesh
         variables = jax.jit(
             lambda p, key: grow_params(p, model, key, sample, reinit=tuple(config.init.reinit),
                                        preserve_function=config.init.preserve_function),
@@ -173,9 +174,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     check_batch_sizes(config)
     os.makedirs(workdir, exist_ok=True)
     mesh = steps.data_mesh()
-    pretrained = load_pretrained(config)
     meta, train_iter, eval_batches, image_shape, train_examples = make_data(config, mesh)
     model = build_model(config, meta.num_classes)
+    # Shapes only: a growth spec the model cannot apply fails here, before any pretraining.
+    jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, *image_shape)))
+    pretrained = load_pretrained(config)
     state, optimizer, dropout_rng = init_state(config, model, pretrained, mesh, image_shape)
     train_step = steps.shard_train_step(steps.make_train_step(model, optimizer, dropout_rng), mesh)
     eval_step = steps.shard_eval_step(steps.make_eval_step(model), mesh)

@@ -1,0 +1,187 @@
+"""The main job end to end on tiny built-in data: outputs, resume, sharding, config errors."""
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from growjax import config_lib, data, steps, train
+from growjax.grow import flatten
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SOURCE = 'growjax_latin/16px_max10'
+TARGET = 'growjax_greek/16px_max10'
+
+
+@pytest.fixture(scope='session')
+def data_dir(tmp_path_factory):
+    directory = str(tmp_path_factory.mktemp('tfds'))
+    for name in (SOURCE, TARGET):
+        data.prepare_builtin(name, directory)
+    return directory
+
+
+@pytest.fixture(scope='session')
+def cache_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp('cache'))
+
+
+def tiny_config(data_dir, cache_dir, method='wa'):
+    c = config_lib.base_config()
+    c.model.width = 0.25
+    c.growth.method = method
+    c.growth.units = 16
+    c.init.cache_dir = cache_dir
+    c.init.pretrain_steps = 8
+    c.init.source_dataset = SOURCE
+    c.data.name = TARGET
+    c.data.data_dir = data_dir
+    c.data.shots_per_class = 2
+    c.train.steps = 12
+    c.train.batch_size = 16
+    c.train.log_every = 4
+    c.train.eval_every = 8
+    c.train.checkpoint_every = 4
+    c.train.eval_batch_size = 64
+    c.train.progress = False
+    return c
+
+
+def tiny_overrides(data_dir, cache_dir):
+    """The same tiny settings as command-line flags, for main.py subprocesses."""
+    config = tiny_config(data_dir, cache_dir)
+    keys = ['model.width', 'growth.units', 'init.cache_dir', 'init.pretrain_steps', 'init.source_dataset',
+            'data.name', 'data.data_dir', 'data.shots_per_class', 'train.steps', 'train.batch_size',
+            'train.eval_batch_size', 'train.progress']
+    values = {key: config[key.split('.')[0]][key.split('.')[1]] for key in keys}
+    return [f'--config.{key}={value}' for key, value in values.items()]
+
+
+def test_end_to_end_writes_every_output(data_dir, cache_dir, tmp_path):
+    summary = train.train_and_evaluate(tiny_config(data_dir, cache_dir), str(tmp_path))
+    with open(tmp_path / 'summary.json') as f:
+        assert json.load(f) == summary
+    assert 0.0 <= summary['accuracy'] <= 1.0 and summary['step'] == 12
+    records = [json.loads(line) for line in open(tmp_path / 'metrics.jsonl')]
+    train_records = [r for r in records if r['split'] == 'train']
+    assert [r['step'] for r in train_records] == [4, 8, 12]
+    for r in records[1:]:
+        assert {'step', 'split', 'loss', 'accuracy'} <= set(r) and np.isfinite(r['loss'])
+    assert {r['split'] for r in records} == {'config', 'train', 'test', 'validation'}
+    assert (tmp_path / 'curves.png').stat().st_size > 1000
+    assert os.listdir(tmp_path / 'tensorboard')
+    # The export is a valid pretrained input of the next growth round.
+    config = tiny_config(data_dir, cache_dir, method='wwa')
+    config.init.pretrained = str(tmp_path)
+    config.init.reinit = ()
+    second = train.train_and_evaluate(config, str(tmp_path / 'round2'))
+    assert second['step'] == 12
+
+
+def test_builtin_pretrained_model_is_cached(data_dir, cache_dir, tmp_path, monkeypatch):
+    config = tiny_config(data_dir, cache_dir)
+    train.load_pretrained(config)  # pretrains once (or finds the cache)
+    calls = []
+    monkeypatch.setattr(train, 'train_and_evaluate', lambda *args: calls.append(args))
+    variables = train.load_pretrained(config)
+    assert not calls and 'fc7' in variables['params']
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_resume_continues_from_checkpoint_and_matches_uninterrupted_run(data_dir, cache_dir, tmp_path, monkeypatch):
+    config = tiny_config(data_dir, cache_dir)
+    train.train_and_evaluate(config, str(tmp_path / 'straight'))
+
+    real_shard = steps.shard_train_step
+    calls = []
+
+    def failing_after(limit):
+        def shard(step_fn, mesh):
+            jitted = real_shard(step_fn, mesh)
+
+            def step(state, batch):
+                if len(calls) == limit:
+                    raise Interrupted
+                calls.append(1)
+                return jitted(state, batch)
+            return step
+        return shard
+
+    monkeypatch.setattr(steps, 'shard_train_step', failing_after(10))
+    with pytest.raises(Interrupted):
+        train.train_and_evaluate(config, str(tmp_path / 'resumed'))
+    calls.clear()
+    monkeypatch.setattr(steps, 'shard_train_step', failing_after(1000))
+    train.train_and_evaluate(config, str(tmp_path / 'resumed'))
+    assert len(calls) == 4  # resumed at the step-8 checkpoint, not from scratch
+
+    from growjax.checkpoint import load_export
+    straight, _ = load_export(str(tmp_path / 'straight'))
+    resumed, _ = load_export(str(tmp_path / 'resumed'))
+    for path, leaf in flatten(straight).items():
+        np.testing.assert_array_equal(flatten(resumed)[path], leaf, err_msg='/'.join(path))
+    steps_logged = [json.loads(l)['step'] for l in open(tmp_path / 'resumed' / 'metrics.jsonl')
+                    if json.loads(l)['split'] == 'train']
+    assert steps_logged == [4, 8, 12]  # records of the interrupted run after its checkpoint are dropped
+
+
+def test_sharded_step_matches_single_device(data_dir, cache_dir):
+    config = tiny_config(data_dir, cache_dir)
+    meta = data.dataset_info(TARGET, data_dir)
+    model = train.build_model(config, meta.num_classes)
+    pretrained = train.load_pretrained(config)
+    batch = {'image': jax.random.normal(jax.random.key(5), (16, 16, 16, 1)),
+             'label': jnp.arange(16, dtype=jnp.int32) % meta.num_classes}
+    results = []
+    for devices in (jax.devices()[:1], jax.devices()):
+        mesh = steps.data_mesh(devices)
+        state, optimizer, dropout_rng = train.init_state(config, model, pretrained, mesh, (16, 16, 1))
+        step = steps.shard_train_step(steps.make_train_step(model, optimizer, dropout_rng), mesh)
+        placed = jax.device_put(batch, steps.batch_sharding(mesh))
+        for _ in range(2):
+            state, metrics = step(state, placed)
+        results.append((float(metrics['loss']), jax.device_get(state.trainable)))
+    assert len(jax.devices()) == 8
+    (loss_1, params_1), (loss_8, params_8) = results
+    np.testing.assert_allclose(loss_8, loss_1, rtol=1e-5)
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), params_8, params_1)
+
+
+def run_main(*args):
+    return subprocess.run([sys.executable, 'main.py', *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
+
+
+@pytest.mark.parametrize('override,expected', [
+    ('--config.train.no_such_key=1', 'no_such_key'),
+    ('--config.train.steps=abc', 'steps'),
+])
+def test_bad_overrides_are_refused_by_name(override, expected, tmp_path):
+    result = run_main('--config=configs/wide.py', override, f'--workdir={tmp_path}')
+    assert result.returncode != 0
+    assert expected in result.stderr
+
+
+@pytest.mark.parametrize('override,expected', [
+    ('--config.growth.widen=fc9=4', "cannot widen 'fc9'"),
+    ('--config.growth.units=0', 'config.growth.units'),
+    ('--config.train.batch_size=12', 'config.train.batch_size=12 is not divisible'),
+    ('--config.train.regime=fc9_new', 'config.train.regime'),
+])
+def test_invalid_values_give_one_line_errors(data_dir, cache_dir, override, expected, tmp_path):
+    env_args = tiny_overrides(data_dir, cache_dir)
+    result = subprocess.run(
+        [sys.executable, 'main.py', '--config=configs/wide.py', *env_args, override, f'--workdir={tmp_path}'],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+        env={**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=8'})
+    assert result.returncode == 2, result.stderr[-2000:]
+    error_lines = [line for line in result.stderr.splitlines() if line.startswith('error:')]
+    assert len(error_lines) == 1 and expected in error_lines[0], result.stderr[-2000:]
+    assert 'Traceback' not in result.stderr
