@@ -1,12 +1,13 @@
 """The grow-and-fine-tune job behind `main.py`: data, growth, sharded training, checkpoints, outputs."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
 import os
 import time
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -163,10 +164,26 @@ def init_state(config, model, pretrained, mesh, image_shape):
     return state, optimizer, dropout_rng
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+@dataclasses.dataclass(frozen=True)
+class RunContext:
+    """What an evaluation hook may use besides the state."""
+    config: ml_collections.ConfigDict
+    model: Any
+    mesh: Any
+    eval_batches: Callable[[str], Any]  # split name -> device-prefetched eval batches
+    workdir: str
+
+
+EvalHook = Callable[[int, steps.TrainState, RunContext], 'dict[str, float] | None']
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       eval_hooks: Sequence[EvalHook] = ()) -> dict[str, Any]:
     """Grows the pretrained model the config names, fine-tunes, evaluates; returns the summary.
 
-    Rerunning with the same workdir resumes from its latest checkpoint.
+    Rerunning with the same workdir resumes from its latest checkpoint. `eval_hooks` run at step 0
+    and at every evaluation (e.g. the analyses of growjax.analysis); what they return is written
+    to metrics.jsonl with split 'analysis'.
     """
     config_lib.validate(config)
     if config.multihost:
@@ -194,6 +211,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     if start_step == 0:
         writer.write_config(config, meta, train_examples)
 
+    context = RunContext(config, model, mesh, eval_batches, workdir)
+
+    def run_hooks(step, state):
+        for hook in eval_hooks:
+            values = hook(step, state, context)
+            if values:
+                writer.write(step, 'analysis', values)
+
+    if start_step == 0:
+        run_hooks(0, state)
     batches = data.device_prefetch(train_iter, steps.batch_sharding(mesh))
     progress = ProgressBar(config.train.steps, start_step, enabled=config.train.progress and jax.process_index() == 0,
                            description=os.path.basename(os.path.normpath(workdir)))
@@ -215,6 +242,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             pending, window_start, window_steps = [], time.perf_counter(), 0
         if step % config.train.eval_every == 0 and step != config.train.steps:
             writer.write(step, config.data.eval_split, evaluate(eval_step, state, eval_batches(config.data.eval_split)))
+            run_hooks(step, state)
         if step % config.train.checkpoint_every == 0 or step == config.train.steps:
             checkpoint.save(manager, step, state, batches.get_state())
     progress.close()
@@ -222,6 +250,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     manager.wait_until_finished()
 
     summary = final_evaluation(config, workdir, writer, eval_step, state, eval_batches)
+    run_hooks(config.train.steps, state)
     checkpoint.export(workdir, state.variables(), model_description(config, meta.num_classes))
     manager.close()
     writer.close()
