@@ -4,6 +4,7 @@ Thin on purpose: flags -> config -> growjax.train.train_and_evaluate. Every fail
 cause (a bad config value, a missing dataset or weights file) ends in one line naming the culprit.
 """
 import logging
+import re
 import sys
 
 from absl import app, flags
@@ -23,6 +24,33 @@ def default_workdir(config_path: str) -> str:
     return f'workdirs/{name}' + (f'_{preset}' if preset else '')
 
 
+def one_line(err: BaseException) -> str:
+    """The message of `err` on one line; of a wrapped traceback, only its final line."""
+    text = str(err).replace('\\n', '\n').replace("\\'", "'")
+    if 'Traceback (most recent call last)' in text:
+        text = text.strip().splitlines()[-1]
+    return ' '.join(text.strip('\'"').split())
+
+
+def parse_flags(argv):
+    """absl's parser, with config mistakes (unknown key, wrong type, bad config file) as one line."""
+    try:
+        argv = FLAGS(argv)
+        FLAGS.config.keys()  # ml_collections reports a file it failed to load lazily: fail here
+        return argv
+    except flags.Error as err:
+        message = one_line(err)
+    except (AttributeError, KeyError) as err:  # ml_collections: an override of a key the config lacks
+        key = re.search(r"'(\w+)'", str(err).replace("\\'", "'"))
+        hint = re.search(r'Did you mean "(\w+)"', str(err))
+        message = (f"unknown config key '{key.group(1) if key else err}'"
+                   + (f' (did you mean {hint.group(1)!r}?)' if hint else ''))
+    except OSError as err:  # the config file is missing or unreadable
+        message = f'cannot load --config={FLAGS["config"].config_filename}: ' + one_line(err.__cause__ or err)
+    print(f'error: {message}', file=sys.stderr)
+    sys.exit(2)
+
+
 def main(argv):
     del argv
     from growjax import train  # after flag parsing: JAX starts only for a real run
@@ -34,7 +62,7 @@ def main(argv):
     try:
         summary = train.train_and_evaluate(FLAGS.config, workdir)
     except UserError as err:
-        print(f'error: {err}', file=sys.stderr)
+        print(f'error: {one_line(err)}', file=sys.stderr)
         return 2
     print(f'{workdir}: final {FLAGS.config.data.eval_split} accuracy {summary["accuracy"]:.4f}'
           f' (summary.json, metrics.jsonl, curves.png, tensorboard/, export/ in {workdir})')
@@ -43,4 +71,4 @@ def main(argv):
 
 if __name__ == '__main__':
     flags.mark_flag_as_required('config')
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

@@ -16,7 +16,7 @@ from growjax.models.growth import Growth
 DEFAULT_CACHE = os.path.join(os.path.expanduser('~'), '.cache', 'growjax')
 REQUIRED = 'required: '  # an init.pretrained value that asks the user for a path
 RESNET_LAYERS = {'fc6': 'stage3', 'fc7': 'stage4'}  # where the paper's methods grow a ResNet
-METHODS = ('scratch', 'finetune', 'wa', 'da', 'dwa', 'wwa')
+METHODS = ('scratch', 'finetune', 'wa', 'da', 'dwa', 'wwa', 'lora')
 
 
 class ConfigError(UserError):
@@ -41,6 +41,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.growth.scale_init = 10.0        # gamma's initial value
     c.growth.widen = ''               # extra 'layer=units,...', e.g. for ResNets 'stage4=128'
     c.growth.deepen = ''              # extra 'layer=size,...' (fc heads: units of fc_a; ResNets: blocks)
+    c.growth.lora_rank = 8            # method 'lora': rank of the adapters on fc6 and fc7
 
     c.init = ml_collections.ConfigDict()
     c.init.pretrained = 'builtin'     # 'builtin' (pretrain on the source task, cached), a path, or ''
@@ -78,8 +79,13 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.eval_batch_size = 256
     c.train.max_to_keep = 2
     c.train.progress = True           # a progress bar on stderr
+    c.train.analysis = False          # log the paper's analyses (growjax.analysis) at every evaluation
 
     c.multihost = False               # call jax.distributed.initialize() (pods, multi-process)
+    c.distributed = ml_collections.ConfigDict()  # explicit multi-process set-up; empty = auto-detect (TPU pods, SLURM)
+    c.distributed.coordinator_address = ''       # e.g. '127.0.0.1:12345'
+    c.distributed.num_processes = 0
+    c.distributed.process_id = -1
     return c
 
 
@@ -126,7 +132,8 @@ def growth_from_config(config: ml_collections.ConfigDict) -> Growth | None:
     block inserted at the end of stage4.
     """
     g = config.growth
-    if g.method in ('scratch', 'finetune'):
+    lora = Growth.lora_preset(g.lora_rank).lora_ranks if g.method == 'lora' else {}
+    if g.method in ('scratch', 'finetune', 'lora'):
         base_widen, base_deepen = {}, {}
     else:
         preset = Growth.from_method(g.method, g.units, norm_scale=g.norm_scale, scale_init=g.scale_init)
@@ -136,9 +143,9 @@ def growth_from_config(config: ml_collections.ConfigDict) -> Growth | None:
             base_deepen = {RESNET_LAYERS[layer]: 1 for layer in base_deepen}
     widen = {**base_widen, **parse_layer_counts(g.widen, 'growth.widen')}
     deepen = {**base_deepen, **parse_layer_counts(g.deepen, 'growth.deepen')}
-    if not widen and not deepen:
+    if not widen and not deepen and not lora:
         return None
-    return Growth(widen=widen, deepen=deepen, norm_scale=g.norm_scale, scale_init=g.scale_init)
+    return Growth(widen=widen, deepen=deepen, norm_scale=g.norm_scale, scale_init=g.scale_init, lora=lora)
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -150,6 +157,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     need(config.growth.method in METHODS, 'growth.method', f'{config.growth.method!r} is not one of {METHODS}.')
     need(config.growth.units > 0, 'growth.units', f'must be a positive number of units, got {config.growth.units}.')
     need(config.growth.scale_init > 0, 'growth.scale_init', f'must be positive, got {config.growth.scale_init}.')
+    need(config.growth.lora_rank > 0, 'growth.lora_rank', f'must be a positive rank, got {config.growth.lora_rank}.')
     for key in ('widen', 'deepen'):
         parse_layer_counts(config.growth[key], f'growth.{key}')
     need(config.model.dtype in ('float32', 'bfloat16'), 'model.dtype', f"must be 'float32' or 'bfloat16', got {config.model.dtype!r}.")

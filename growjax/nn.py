@@ -34,6 +34,16 @@ def lecun_normal_flat(key: jax.Array, shape: Sequence[int], dtype=jnp.float32) -
     return (jax.random.truncated_normal(key, -2.0, 2.0, (math.prod(shape),), dtype) * stddev).reshape(shape)
 
 
+def he_normal_flat(key: jax.Array, shape, dtype=jnp.float32) -> jax.Array:
+    """He initialisation (variance 2/fan_in, truncated normal), as ReLU networks need.
+
+    Fan-in rather than torchvision's fan-out: a growth step adds few channels, and a fan-out rule
+    would give such a narrow new conv huge weights. Drawn flat like `lecun_normal_flat` (XLA:CPU
+    compiles multi-axis threefry draws very slowly).
+    """
+    return lecun_normal_flat(key, shape, dtype) * math.sqrt(2.0)
+
+
 def l2_normalize_groups(x: jax.Array, group_sizes: Sequence[int]) -> list[jax.Array]:
     """Splits the last axis of `x` into groups and L2-normalises each group per position.
 

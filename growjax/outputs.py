@@ -87,7 +87,7 @@ def plot_curves(workdir: str, path: str | None = None) -> str:
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
 
-    records = [r for r in read_metrics(workdir) if r.get('split') != 'config']
+    records = [r for r in read_metrics(workdir) if 'loss' in r]  # not the config or 'analysis' records
     path = path or os.path.join(workdir, CURVES_FILE)
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.8))
     for split in dict.fromkeys(r['split'] for r in records):

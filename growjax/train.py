@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from growjax import checkpoint, config_lib, data, groups, models, steps
+from growjax import analysis, checkpoint, config_lib, data, groups, models, steps
 from growjax.errors import UserError
 from growjax.grow import grow_params
 from growjax.outputs import MetricsWriter, ProgressBar, plot_curves
@@ -29,8 +29,9 @@ class TrainingDiverged(UserError):
 def build_model(config: ml_collections.ConfigDict, num_classes: int):
     """The (grown) model the config describes."""
     growth = config_lib.growth_from_config(config)
-    kwargs = {'width': config.model.width, 'dropout_rate': config.model.dropout_rate,
-              'dtype': jnp.bfloat16 if config.model.dtype == 'bfloat16' else None}
+    kwargs = {'width': config.model.width, 'dtype': jnp.bfloat16 if config.model.dtype == 'bfloat16' else None}
+    if 'dropout_rate' in models.options(config.model.name):  # ResNets have no dropout
+        kwargs['dropout_rate'] = config.model.dropout_rate
     return models.get(config.model.name, num_classes=num_classes, growth=growth, **kwargs)
 
 
@@ -72,7 +73,12 @@ def load_pretrained(config: ml_collections.ConfigDict) -> dict | None:
     if not os.path.exists(source):
         raise config_lib.ConfigError(f'config.init.pretrained: {source} does not exist. Pass the workdir of a '
                                      "finished growjax run (its export/), or 'builtin'.")
-    variables, _ = checkpoint.load_export(source)
+    variables, description = checkpoint.load_export(source)
+    trained_size = description.get('image_size')
+    if trained_size is not None and trained_size != config.data.image_size:
+        raise config_lib.ConfigError(
+            f'config.data.image_size={config.data.image_size}, but the pretrained model in {source} was trained on '
+            f'{trained_size}x{trained_size} images: set --config.data.image_size={trained_size}.')
     return variables
 
 
@@ -103,6 +109,32 @@ def make_data(config: ml_collections.ConfigDict, mesh):
 
     image_shape = (d.image_size, d.image_size, meta.image_shape[-1])
     return meta, train_iter, eval_batches, image_shape, 0 if indices is None else len(indices)
+
+
+def initialize_distributed(settings: ml_collections.ConfigDict) -> None:
+    """jax.distributed.initialize, auto-detected on pods/clusters or explicit (e.g. on localhost)."""
+    if jax.distributed.is_initialized():
+        return
+    if not settings.coordinator_address:
+        jax.distributed.initialize()
+        return
+    jax.distributed.initialize(coordinator_address=settings.coordinator_address,
+                               num_processes=settings.num_processes, process_id=settings.process_id)
+
+
+def check_workdir(workdir: str) -> None:
+    """A workdir must be a folder we can write, or creatable in one; checked before any work."""
+    path = os.path.abspath(workdir)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UserError(f'workdir {workdir} is a file, not a folder: pass --workdir=A_FOLDER.')
+    existing = path
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise UserError(f'workdir {workdir} cannot be created: {existing} is a file.')
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f'workdir {workdir} is not writable ({existing} does not allow writing): pass another '
+                        '--workdir or fix its permissions.')
 
 
 def check_batch_sizes(config: ml_collections.ConfigDict) -> None:
@@ -183,13 +215,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
     Rerunning with the same workdir resumes from its latest checkpoint. `eval_hooks` run at step 0
     and at every evaluation (e.g. the analyses of growjax.analysis); what they return is written
-    to metrics.jsonl with split 'analysis'.
+    to metrics.jsonl with split 'analysis'; config.train.analysis adds growjax.analysis.hooks().
     """
     config_lib.validate(config)
+    if config.train.analysis:
+        eval_hooks = (*eval_hooks, *analysis.hooks())
     if config.multihost:
-        jax.distributed.initialize()
+        initialize_distributed(config.distributed)
     check_batch_sizes(config)
-    os.makedirs(workdir, exist_ok=True)
+    check_workdir(workdir)
     mesh = steps.data_mesh()
     meta, train_iter, eval_batches, image_shape, train_examples = make_data(config, mesh)
     model = build_model(config, meta.num_classes)
@@ -200,8 +234,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     train_step = steps.shard_train_step(steps.make_train_step(model, optimizer, dropout_rng), mesh)
     eval_step = steps.shard_eval_step(steps.make_eval_step(model), mesh)
 
-    manager = checkpoint.checkpoint_manager(workdir, config.train.max_to_keep)
-    restored = checkpoint.restore_latest(manager, checkpoint.abstract_like(state))
+    os.makedirs(workdir, exist_ok=True)  # only now: a run that fails its checks leaves no workdir behind
+    manager, restored = checkpoint.restore_latest(workdir, config.train.max_to_keep, checkpoint.abstract_like(state))
     start_step = 0
     if restored is not None:
         start_step, state, data_state = restored
@@ -219,44 +253,71 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
             if values:
                 writer.write(step, 'analysis', values)
 
-    if start_step == 0:
-        run_hooks(0, state)
-    batches = data.device_prefetch(train_iter, steps.batch_sharding(mesh))
-    progress = ProgressBar(config.train.steps, start_step, enabled=config.train.progress and jax.process_index() == 0,
-                           description=os.path.basename(os.path.normpath(workdir)))
-    pending, window_start, window_steps = [], time.perf_counter(), 0
-    for step in range(start_step + 1, config.train.steps + 1):
-        state, metrics = train_step(state, next(batches))
-        pending.append(metrics)
-        window_steps += 1
-        if step % config.train.log_every == 0 or step == config.train.steps:
-            means = {k: float(np.mean([m[k] for m in jax.device_get(pending)])) for k in pending[0]}
-            if not np.isfinite(means['loss']):
-                raise TrainingDiverged(f'The training loss became {means["loss"]} at or before step {step}; the last '
-                                         f'good checkpoint is kept in {workdir}/checkpoints. Lower '
-                                         'config.train.learning_rate or check the data.')
-            images_per_second = window_steps * config.train.batch_size / (time.perf_counter() - window_start)
-            writer.write(step, 'train', {**means, 'images_per_second': images_per_second,
-                                         'learning_rate': float(optimizer_lr(config, step))})
-            progress.update(step, loss=means['loss'], accuracy=means['accuracy'], images_per_second=images_per_second)
-            pending, window_start, window_steps = [], time.perf_counter(), 0
-        if step % config.train.eval_every == 0 and step != config.train.steps:
-            writer.write(step, config.data.eval_split, evaluate(eval_step, state, eval_batches(config.data.eval_split)))
-            run_hooks(step, state)
-        if step % config.train.checkpoint_every == 0 or step == config.train.steps:
-            checkpoint.save(manager, step, state, batches.get_state())
-    progress.close()
-    batches.close()
-    manager.wait_until_finished()
+    def evaluate_and_analyse(step, state):
+        writer.write(step, config.data.eval_split, evaluate(eval_step, state, eval_batches(config.data.eval_split)))
+        run_hooks(step, state)
 
-    summary = final_evaluation(config, workdir, writer, eval_step, state, eval_batches)
-    run_hooks(config.train.steps, state)
-    checkpoint.export(workdir, state.variables(), model_description(config, meta.num_classes))
-    manager.close()
-    writer.close()
+    try:
+        if start_step == 0:
+            run_hooks(0, state)
+        state = fit(config, workdir, state, train_step, train_iter, start_step, mesh, manager, writer,
+                    evaluate_and_analyse)
+        manager.wait_until_finished()
+        summary = final_evaluation(config, workdir, writer, eval_step, state, eval_batches)
+        run_hooks(config.train.steps, state)
+        checkpoint.export(workdir, state.variables(), model_description(config, meta.num_classes))
+    finally:
+        manager.wait_until_finished()  # also on errors: an in-flight save of a good state completes
+        manager.close()
+        writer.close()
     if jax.process_index() == 0:
         plot_curves(workdir)
     return summary
+
+
+def fit(config, workdir, state, train_step, train_iter, start_step, mesh, manager, writer, evaluate_and_analyse):
+    """The training loop from `start_step`: logs, evaluates, checkpoints; returns the final state."""
+    batches = data.device_prefetch(train_iter, steps.batch_sharding(mesh))
+    progress = ProgressBar(config.train.steps, start_step, enabled=config.train.progress and jax.process_index() == 0,
+                           description=os.path.basename(os.path.normpath(workdir)))
+    unchecked, window, window_start = [], [], time.perf_counter()
+    try:
+        for step in range(start_step + 1, config.train.steps + 1):
+            state, metrics = train_step(state, next(batches))
+            unchecked.append(metrics)
+            log_now = step % config.train.log_every == 0 or step == config.train.steps
+            save_now = step % config.train.checkpoint_every == 0 or step == config.train.steps
+            if log_now or save_now:
+                # Fetching syncs with the device, so it happens only here; no state with a NaN is saved.
+                window += check_finite(jax.device_get(unchecked), first_step=step - len(unchecked) + 1,
+                                       workdir=workdir)
+                unchecked = []
+            if log_now:
+                means = {key: float(np.mean([m[key] for m in window])) for key in window[0]}
+                images_per_second = len(window) * config.train.batch_size / (time.perf_counter() - window_start)
+                writer.write(step, 'train', {**means, 'images_per_second': images_per_second,
+                                             'learning_rate': float(optimizer_lr(config, step))})
+                progress.update(step, loss=means['loss'], accuracy=means['accuracy'],
+                                images_per_second=images_per_second)
+                window, window_start = [], time.perf_counter()
+            if step % config.train.eval_every == 0 and step != config.train.steps:
+                evaluate_and_analyse(step, state)
+            if save_now:
+                checkpoint.save(manager, step, state, batches.get_state())
+    finally:
+        progress.close()
+        batches.close()
+    return state
+
+
+def check_finite(metrics: list[dict], first_step: int, workdir: str) -> list[dict]:
+    """Raises TrainingDiverged naming the first step whose loss is NaN or infinite."""
+    for offset, values in enumerate(metrics):
+        if not np.isfinite(values['loss']):
+            raise TrainingDiverged(
+                f'the training loss became {values["loss"]} at step {first_step + offset}; the last good checkpoint '
+                f'is kept in {os.path.join(workdir, "checkpoints")}. Lower config.train.learning_rate or check the data.')
+    return metrics
 
 
 def optimizer_lr(config, step: int) -> float:

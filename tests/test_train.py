@@ -13,56 +13,11 @@ from growjax import config_lib, data, steps, train
 from growjax.grow import flatten
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SOURCE = 'growjax_latin/16px_max10'
 TARGET = 'growjax_greek/16px_max10'
 
 
-@pytest.fixture(scope='session')
-def data_dir(tmp_path_factory):
-    directory = str(tmp_path_factory.mktemp('tfds'))
-    for name in (SOURCE, TARGET):
-        data.prepare_builtin(name, directory)
-    return directory
-
-
-@pytest.fixture(scope='session')
-def cache_dir(tmp_path_factory):
-    return str(tmp_path_factory.mktemp('cache'))
-
-
-def tiny_config(data_dir, cache_dir, method='wa'):
-    c = config_lib.base_config()
-    c.model.width = 0.25
-    c.growth.method = method
-    c.growth.units = 16
-    c.init.cache_dir = cache_dir
-    c.init.pretrain_steps = 8
-    c.init.source_dataset = SOURCE
-    c.data.name = TARGET
-    c.data.data_dir = data_dir
-    c.data.shots_per_class = 2
-    c.train.steps = 12
-    c.train.batch_size = 16
-    c.train.log_every = 4
-    c.train.eval_every = 8
-    c.train.checkpoint_every = 4
-    c.train.eval_batch_size = 64
-    c.train.progress = False
-    return c
-
-
-def tiny_overrides(data_dir, cache_dir):
-    """The same tiny settings as command-line flags, for main.py subprocesses."""
-    config = tiny_config(data_dir, cache_dir)
-    keys = ['model.width', 'growth.units', 'init.cache_dir', 'init.pretrain_steps', 'init.source_dataset',
-            'data.name', 'data.data_dir', 'data.shots_per_class', 'train.steps', 'train.batch_size',
-            'train.eval_batch_size', 'train.progress']
-    values = {key: config[key.split('.')[0]][key.split('.')[1]] for key in keys}
-    return [f'--config.{key}={value}' for key, value in values.items()]
-
-
-def test_end_to_end_writes_every_output(data_dir, cache_dir, tmp_path):
-    summary = train.train_and_evaluate(tiny_config(data_dir, cache_dir), str(tmp_path))
+def test_end_to_end_writes_every_output(tiny_config, tmp_path):
+    summary = train.train_and_evaluate(tiny_config(), str(tmp_path))
     with open(tmp_path / 'summary.json') as f:
         assert json.load(f) == summary
     assert 0.0 <= summary['accuracy'] <= 1.0 and summary['step'] == 12
@@ -75,15 +30,15 @@ def test_end_to_end_writes_every_output(data_dir, cache_dir, tmp_path):
     assert (tmp_path / 'curves.png').stat().st_size > 1000
     assert os.listdir(tmp_path / 'tensorboard')
     # The export is a valid pretrained input of the next growth round.
-    config = tiny_config(data_dir, cache_dir, method='wwa')
+    config = tiny_config(method='wwa')
     config.init.pretrained = str(tmp_path)
     config.init.reinit = ()
     second = train.train_and_evaluate(config, str(tmp_path / 'round2'))
     assert second['step'] == 12
 
 
-def test_builtin_pretrained_model_is_cached(data_dir, cache_dir, tmp_path, monkeypatch):
-    config = tiny_config(data_dir, cache_dir)
+def test_builtin_pretrained_model_is_cached(tiny_config, monkeypatch):
+    config = tiny_config()
     train.load_pretrained(config)  # pretrains once (or finds the cache)
     calls = []
     monkeypatch.setattr(train, 'train_and_evaluate', lambda *args: calls.append(args))
@@ -95,8 +50,8 @@ class Interrupted(Exception):
     pass
 
 
-def test_resume_continues_from_checkpoint_and_matches_uninterrupted_run(data_dir, cache_dir, tmp_path, monkeypatch):
-    config = tiny_config(data_dir, cache_dir)
+def test_resume_continues_from_checkpoint_and_matches_uninterrupted_run(tiny_config, tmp_path, monkeypatch):
+    config = tiny_config()
     train.train_and_evaluate(config, str(tmp_path / 'straight'))
 
     real_shard = steps.shard_train_step
@@ -132,9 +87,9 @@ def test_resume_continues_from_checkpoint_and_matches_uninterrupted_run(data_dir
     assert steps_logged == [4, 8, 12]  # records of the interrupted run after its checkpoint are dropped
 
 
-def test_sharded_step_matches_single_device(data_dir, cache_dir):
-    config = tiny_config(data_dir, cache_dir)
-    meta = data.dataset_info(TARGET, data_dir)
+def test_sharded_step_matches_single_device(tiny_config):
+    config = tiny_config()
+    meta = data.dataset_info(TARGET, config.data.data_dir)
     model = train.build_model(config, meta.num_classes)
     pretrained = train.load_pretrained(config)
     batch = {'image': jax.random.normal(jax.random.key(5), (16, 16, 16, 1)),
@@ -175,8 +130,8 @@ def test_bad_overrides_are_refused_by_name(override, expected, tmp_path):
     ('--config.train.batch_size=12', 'config.train.batch_size=12 is not divisible'),
     ('--config.train.regime=fc9_new', 'config.train.regime'),
 ])
-def test_invalid_values_give_one_line_errors(data_dir, cache_dir, override, expected, tmp_path):
-    env_args = tiny_overrides(data_dir, cache_dir)
+def test_invalid_values_give_one_line_errors(tiny_flags, override, expected, tmp_path):
+    env_args = tiny_flags
     result = subprocess.run(
         [sys.executable, 'main.py', '--config=configs/wide.py', *env_args, override, f'--workdir={tmp_path}'],
         cwd=REPO, capture_output=True, text=True, timeout=300,

@@ -1,12 +1,21 @@
 """Growable models by name: `growjax.models.get(name, num_classes=..., growth=..., **kwargs)`."""
 from __future__ import annotations
 
+import dataclasses
+
+from growjax.models.alexnet import AlexNet
 from growjax.models.growth import Growth
 from growjax.models.head import FcHeadNet
+from growjax.models.resnet import ResNet18, ResNet50
 from growjax.models.small_cnn import SmallCNN
+from growjax.models.vgg import VGG16
 
 _REGISTRY = {
     'small_cnn': SmallCNN,
+    'alexnet': AlexNet,
+    'vgg16': VGG16,
+    'resnet18': ResNet18,
+    'resnet50': ResNet50,
 }
 
 
@@ -18,11 +27,16 @@ def get(name: str, *, num_classes: int, growth: Growth | None = None, **kwargs):
     if name not in _REGISTRY:
         raise ValueError(f'Unknown model {name!r}; available: {sorted(_REGISTRY)}.')
     cls = _REGISTRY[name]
-    fields = set(cls.__dataclass_fields__) - {'parent', 'name'}
+    fields = options(name)
     unknown = set(kwargs) - fields
     if unknown:
         raise ValueError(f'Model {name!r} has no option(s) {sorted(unknown)}; options: {sorted(fields)}.')
     return cls(num_classes=num_classes, growth=growth, **kwargs)
+
+
+def options(name: str) -> set[str]:
+    """The keyword options of model `name` (its dataclass fields, ClassVars excluded)."""
+    return {field.name for field in dataclasses.fields(_REGISTRY[name])} - {'parent', 'name'}
 
 
 def names() -> list[str]:

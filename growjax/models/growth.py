@@ -36,17 +36,22 @@ class Growth:
             inserted at its end.
     norm_scale: apply NormScale wherever a layer reads the output of a new layer (the paper's
             "grow"; False is its "ori"). scale_init is gamma's starting value.
+    lora:   {layer: rank}. Low-rank adapters (LoRA) on fc heads' 'fc6'/'fc7': y = x W + b + (x A) B
+            with new leaves `<layer>/lora_a` (in, rank) and `<layer>/lora_b` (rank, out, zeros), so
+            the pretrained function is kept at init; the parameter-efficient alternative to growth.
 
-    The paper's variants are the presets `wa`, `da`, `dwa`, `wwa`.
+    The paper's variants are the presets `wa`, `da`, `dwa`, `wwa`; `lora_preset` adapts fc6 and fc7.
     """
     widen: tuple[tuple[str, int], ...] = ()
     deepen: tuple[tuple[str, int], ...] = ()
     norm_scale: bool = True
     scale_init: float = 10.0
+    lora: tuple[tuple[str, int], ...] = ()
 
     def __post_init__(self):
         object.__setattr__(self, 'widen', _as_pairs(self.widen, 'widen'))
         object.__setattr__(self, 'deepen', _as_pairs(self.deepen, 'deepen'))
+        object.__setattr__(self, 'lora', _as_pairs(self.lora, 'lora'))
         if self.scale_init <= 0:
             raise GrowthError(f'Growth.scale_init must be positive, got {self.scale_init}.')
 
@@ -57,6 +62,10 @@ class Growth:
     @property
     def deepen_by(self) -> dict[str, int]:
         return dict(self.deepen)
+
+    @property
+    def lora_ranks(self) -> dict[str, int]:
+        return dict(self.lora)
 
     @classmethod
     def wa(cls, units: int, **kwargs) -> 'Growth':
@@ -81,6 +90,11 @@ class Growth:
         return cls(widen={'fc6': units // 2, 'fc7': units}, **kwargs)
 
     @classmethod
+    def lora_preset(cls, rank: int, **kwargs) -> 'Growth':
+        """LoRA: rank-`rank` adapters on fc6 and fc7, no new units."""
+        return cls(lora={'fc6': rank, 'fc7': rank}, **kwargs)
+
+    @classmethod
     def from_method(cls, method: str, units: int, **kwargs) -> 'Growth | None':
         """The paper's method names: 'finetune' (no growth: None), 'wa', 'da', 'dwa', 'wwa'."""
         if method == 'finetune':
@@ -92,8 +106,12 @@ class Growth:
         return presets[method](units, **kwargs)
 
 
-def check_layer_names(growth: Growth, widenable: tuple[str, ...], deepenable: tuple[str, ...], model: str):
+def check_layer_names(growth: Growth, widenable: tuple[str, ...], deepenable: tuple[str, ...], model: str,
+                      adaptable: tuple[str, ...] = ()):
     """Raises a GrowthError naming the layer when a spec asks to grow a layer the model lacks."""
+    for name, _ in growth.lora:
+        if name not in adaptable:
+            raise GrowthError(f'{model}: cannot add LoRA adapters to {name!r}; adaptable layers are {list(adaptable)}.')
     for name, _ in growth.widen:
         if name not in widenable:
             raise GrowthError(f'{model}: cannot widen {name!r}; widenable layers are {list(widenable)}.')

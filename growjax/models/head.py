@@ -13,11 +13,33 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
-from growjax.models.growth import Growth, check_layer_names
+from growjax.models.growth import Growth, GrowthError, check_layer_names
 from growjax.nn import MultiInputDense, NormScale, lecun_normal_flat
 
 WIDENABLE = ('fc6', 'fc7')
 DEEPENABLE = ('fc7',)
+ADAPTABLE = ('fc6', 'fc7')  # layers that take LoRA adapters
+
+
+class LoRADense(nn.Module):
+    """nn.Dense plus a low-rank update (LoRA, Hu et al. 2021): y = x W + b + (x A) B.
+
+    `kernel`/`bias` sit where nn.Dense puts them, so a pretrained Dense grafts unchanged and the
+    adapters `lora_a` (in, rank; fan-in scaled random) and `lora_b` (rank, out; zeros) are new
+    paths: the layer computes the pretrained function at init and regimes see them as new leaves.
+    """
+    features: int
+    rank: int
+    dtype: jnp.dtype | None = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.param('kernel', lecun_normal_flat, (x.shape[-1], self.features), jnp.float32)
+        bias = self.param('bias', nn.initializers.zeros, (self.features,), jnp.float32)
+        lora_a = self.param('lora_a', lecun_normal_flat, (x.shape[-1], self.rank), jnp.float32)
+        lora_b = self.param('lora_b', nn.initializers.zeros, (self.rank, self.features), jnp.float32)
+        x, kernel, bias, lora_a, lora_b = nn.dtypes.promote_dtype(x, kernel, bias, lora_a, lora_b, dtype=self.dtype)
+        return x @ kernel + bias + (x @ lora_a) @ lora_b
 
 
 def _identity_init(key, shape, dtype=jnp.float32):
@@ -43,19 +65,20 @@ class FcHeadNet(nn.Module):
     num_classes: int = 1000
     growth: Growth | None = None
     dropout_rate: float = 0.5
+    width: float = 1.0  # multiplies every layer's size, so tests run tiny versions
     preserve_function: bool = False
     dtype: jnp.dtype | None = None
 
     def _check(self):
         if self.growth is None:
             return
-        check_layer_names(self.growth, WIDENABLE, DEEPENABLE, type(self).__name__)
+        check_layer_names(self.growth, WIDENABLE, DEEPENABLE, type(self).__name__, adaptable=ADAPTABLE)
         if self.preserve_function and self.growth.norm_scale:
-            raise ValueError('preserve_function=True is impossible with norm_scale=True: NormScale '
+            raise GrowthError('preserve_function=True is impossible with norm_scale=True: NormScale '
                              'rescales the pretrained units. Grow with norm_scale=False to preserve the function.')
         fc_a_units = self.growth.deepen_by.get('fc7')
         if self.preserve_function and fc_a_units is not None and fc_a_units != self.fc7_units:
-            raise ValueError(f'preserve_function=True needs fc_a to have fc7\'s width ({self.fc7_units}) to start as '
+            raise GrowthError(f'preserve_function=True needs fc_a to have fc7\'s width ({self.fc7_units}) to start as '
                              f'the identity; got deepen fc7 -> {fc_a_units}.')
 
     def _read(self, groups, consumer: str) -> list[jax.Array]:
@@ -74,7 +97,11 @@ class FcHeadNet(nn.Module):
     def _layer(self, name: str, units: int, groups, train: bool):
         """Old layer `name` (reads the old group only) plus, if widened, `name_plus` (reads all)."""
         old_name, old_array, _ = groups[0]
-        dense = nn.Dense(units, dtype=self.dtype, kernel_init=lecun_normal_flat, name=name)
+        rank = self.growth.lora_ranks.get(name) if self.growth else None
+        if rank:
+            dense = LoRADense(units, rank, dtype=self.dtype, name=name)
+        else:
+            dense = nn.Dense(units, dtype=self.dtype, kernel_init=lecun_normal_flat, name=name)
         out = [(name, self._activate(dense(old_array), train), False)]
         extra = self.growth.widen_by.get(name) if self.growth else None
         if extra:
@@ -82,6 +109,9 @@ class FcHeadNet(nn.Module):
                                    name=f'{name}_plus')(self._read(groups, f'{name}_plus'))
             out.append((f'{name}_plus', self._activate(plus, train), True))
         return out
+
+    def _units(self, base: int) -> int:
+        return max(1, int(round(base * self.width)))
 
     @property
     def fc6_units(self) -> int:

@@ -14,11 +14,7 @@ class SmallCNN(FcHeadNet):
     `width` multiplies every layer's size, so tests run tiny versions; pooling is skipped once a
     map is 2x2 or smaller, so 8x8 inputs (the digits) work as well as 16x16 or 32x32.
     """
-    width: float = 1.0
     dropout_rate: float = 0.0
-
-    def _units(self, base: int) -> int:
-        return max(1, int(round(base * self.width)))
 
     @property
     def fc6_units(self) -> int:
