@@ -14,7 +14,9 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from growjax.errors import UserError
 
@@ -127,7 +129,13 @@ def load_export(directory: str) -> tuple[dict, dict]:
             f'{directory} is not a growjax export (no {EXPORT_VARIABLES}/ in it): pass the workdir of a finished '
             'run of main.py, or its export/ folder.')
     try:
-        variables = ocp.StandardCheckpointer().restore(os.path.abspath(variables_dir))
+        checkpointer = ocp.StandardCheckpointer()
+        path = os.path.abspath(variables_dir)
+        # Restore replicated over *this* run's devices: the export may come from another topology.
+        everywhere = NamedSharding(Mesh(np.array(jax.devices()), ('devices',)), PartitionSpec())
+        target = jax.tree_util.tree_map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=everywhere),
+                                        checkpointer.metadata(path).item_metadata.tree)
+        variables = checkpointer.restore(path, target)
     except Exception as err:  # a damaged file surfaces as many different exception types
         raise UserError(f'{variables_dir}: cannot read the pretrained variables ({type(err).__name__}: '
                         f'{str(err)[:200]}); the export is damaged: export it again or use another init.pretrained.'
