@@ -2,7 +2,7 @@
 
 After Wang, Ramanan, Hebert, "Growing a Brain: Fine-Tuning by Increasing Model Capacity", CVPR 2017.
 """
-from growjax import models
+from growjax import models, pretrained
 from growjax.grow import GraftError, graft, grow_opt_state, grow_params, new_paths
 from growjax.groups import forward_order, param_labels, regime_names, scale_by_group, trainable_mask
 from growjax.models.growth import Growth
@@ -10,6 +10,6 @@ from growjax.nn import MultiInputConv, MultiInputDense, NormScale
 
 __all__ = [
     'GraftError', 'Growth', 'MultiInputConv', 'MultiInputDense', 'NormScale', 'forward_order', 'graft',
-    'grow_opt_state', 'grow_params', 'models', 'new_paths', 'param_labels', 'regime_names', 'scale_by_group',
-    'trainable_mask',
+    'grow_opt_state', 'grow_params', 'models', 'new_paths', 'param_labels', 'pretrained', 'regime_names',
+    'scale_by_group', 'trainable_mask',
 ]

@@ -18,6 +18,7 @@ from growjax import analysis, checkpoint, config_lib, data, groups, models, step
 from growjax.errors import UserError
 from growjax.grow import grow_params
 from growjax.outputs import MetricsWriter, ProgressBar, plot_curves
+from growjax.pretrained import WEIGHT_FILE_SUFFIXES, from_torch
 
 log = logging.getLogger('growjax')
 
@@ -59,11 +60,14 @@ def load_pretrained(config: ml_collections.ConfigDict) -> dict | None:
     """Pretrained variables for the config (None: train from scratch).
 
     'builtin' pretrains the plain model on the source task the first time and caches it (later
-    runs reuse it); anything else is the path of a growjax export (a finished run's workdir).
+    runs reuse it); a .pth/.pt/.bin/.safetensors file holds published PyTorch weights
+    (growjax.pretrained); anything else is the path of a growjax export (a finished run's workdir).
     """
     source = config.init.pretrained
     if not source:
         return None
+    if source.endswith(WEIGHT_FILE_SUFFIXES):
+        return from_torch(source, config.model.name, width=config.model.width)
     if source == 'builtin':
         workdir = builtin_pretrained_dir(config)
         if not os.path.isdir(os.path.join(workdir, checkpoint.EXPORT_DIR)):
