@@ -189,8 +189,8 @@ def analyse_export(workdir: str, config_dict: Mapping) -> dict:
     images, labels = load_split(config, split)
     values = jax.jit(lambda v, r, x, y: analyse(model, v, r, x, y))(
         variables, None if pretrained is None else pretrained['params'], images, labels)
-    step = int(json.load(open(os.path.join(workdir, 'summary.json')))['step']) if os.path.exists(
-        os.path.join(workdir, 'summary.json')) else 0
+    with open(os.path.join(workdir, 'summary.json')) as f:  # an export is written after the final summary
+        step = int(json.load(f)['step'])
     return {'step': step, 'split': 'analysis', **{k: float(v) for k, v in jax.device_get(values).items()}}
 
 
@@ -247,7 +247,12 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog='python -m growjax.analysis', description=__doc__.split('\n')[0])
     parser.add_argument('--workdir', required=True, help='a finished (or running) main.py workdir')
     args = parser.parse_args(argv)
-    records = records_from_workdir(args.workdir)
+    from growjax.errors import UserError
+    try:
+        records = records_from_workdir(args.workdir)
+    except (FileNotFoundError, UserError) as err:
+        print(f'error: {err}', file=sys.stderr)
+        return 2
     with open(os.path.join(args.workdir, 'analysis.json'), 'w') as f:
         json.dump(records, f, indent=1)
     for path in plot_records(records, args.workdir, os.path.basename(os.path.normpath(args.workdir))):

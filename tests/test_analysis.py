@@ -121,3 +121,8 @@ def test_command_analyses_the_export_of_a_run_without_records(finished_run, tmp_
     assert record['scale/classifier_norm/1'] == pytest.approx(logged['scale/classifier_norm/1'], rel=1e-6)
     assert record['change/fc7'] == pytest.approx(logged['change/fc7'], rel=1e-5)
     assert record['cooperation/all'] == pytest.approx(logged['cooperation/all'])
+
+
+def test_command_refuses_a_folder_that_is_not_a_run(tmp_path, capsys):
+    assert analysis.main(['--workdir', str(tmp_path)]) == 2
+    assert 'is it a growjax workdir?' in capsys.readouterr().err

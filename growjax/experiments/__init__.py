@@ -1,0 +1,1 @@
+"""Experiments built on growjax: `python -m growjax.experiments.paper` reproduces the paper's comparisons."""

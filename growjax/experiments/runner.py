@@ -1,0 +1,221 @@
+"""An in-memory trainer for many small few-shot runs: one compile per (model, regime, dataset).
+
+The paper comparison is hundreds of short runs of one small network. Through main.py each would
+pay a process start, an input pipeline and its own compilation; here the splits sit in memory
+(normalised as the eval pipeline serves them), batches are planned on the host as indices and crop
+offsets (so every method sees exactly the same examples at a given seed), and the learning rate is
+a traced argument. Runs whose lowest layer is frozen are vmapped over seeds x learning rates with
+the frozen parameters and (per seed) the batch shared, so XLA computes the frozen trunk once per
+batch, not once per run. Runs that train the convolutions go one at a time through the same
+compiled step: vmapping them turns each conv into a grouped conv, which XLA:CPU ran 2x slower
+per run than a plain loop. Steps are a Python loop, not `lax.scan`: XLA:CPU ran this step 8x
+slower inside a while loop than jitted alone (jax 0.10.2).
+
+Everything else is growjax itself: grow_params, param_labels / trainable_mask / split,
+steps.make_optimizer (SGD, momentum, weight decay, new leaves at a higher rate), steps.make_train_step
+and growjax.analysis for the evaluation.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from growjax import analysis, data, groups, steps
+from growjax.grow import grow_params
+
+
+@dataclasses.dataclass(frozen=True)
+class Split:
+    images: np.ndarray  # float32 [N, H, W, C], normalised
+    labels: np.ndarray  # int32 [N]
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    """A target dataset in memory: the few-shot pool (train) and the validation and test splits."""
+    dataset: str
+    num_classes: int
+    train: Split
+    validation: Split
+    test: Split
+
+
+def load_task(config, dataset: str) -> Task:
+    """Every split of `dataset`, as the eval pipeline serves them (resized, normalised)."""
+    config = config.copy_and_resolve_references()
+    config.data.name = dataset
+    meta = data.dataset_info(dataset, config.data.data_dir, config.data.image_size)
+    splits = {split: Split(*(np.asarray(a) for a in analysis.load_split(config, split)))
+              for split in ('train', 'validation', 'test')}
+    return Task(dataset, meta.num_classes, **splits)
+
+
+def batch_plan(labels: np.ndarray, shots: int, seed: int, num_steps: int, batch_size: int,
+               crop_padding: int) -> tuple[np.ndarray, np.ndarray]:
+    """(pool indices [steps, batch], crop offsets [steps, batch, 2]) of one seed's few-shot run.
+
+    The few-shot draw is growjax.data.few_shot_indices (nested in `shots`); batches walk through
+    fresh permutations of it epoch after epoch, as the training pipeline does.
+    """
+    chosen = data.few_shot_indices(labels, shots, seed)
+    rng = np.random.default_rng([seed, shots])
+    epochs = -(-num_steps * batch_size // len(chosen))
+    order = np.concatenate([rng.permutation(chosen) for _ in range(epochs)])[:num_steps * batch_size]
+    offsets = rng.integers(0, 2 * crop_padding + 1, size=(num_steps, batch_size, 2))
+    return order.reshape(num_steps, batch_size).astype(np.int32), offsets.astype(np.int32)
+
+
+def random_crops(padded: jax.Array, ids: jax.Array, offsets: jax.Array, size: tuple[int, int]) -> jax.Array:
+    """Crops of `size` at `offsets` from the zero-padded pool images `ids` (the pipeline's crop)."""
+    channels = padded.shape[-1]
+    return jax.vmap(lambda i, o: jax.lax.dynamic_slice(padded[i], (o[0], o[1], 0), (*size, channels)))(ids, offsets)
+
+
+# The vmap axes of a TrainState: everything per run except the frozen (pretrained) leaves.
+_STATE_AXES = steps.TrainState(step=0, trainable=0, frozen=None, batch_stats=0, opt_state=0)
+
+
+@dataclasses.dataclass
+class RunCurves:
+    """One run's record: evaluations over training on validation, and the final test evaluation."""
+    seed: int
+    learning_rate: float
+    steps: list[int]  # 0, then every eval_every steps and the last step
+    train_loss: list[float]  # mean training loss of the steps since the previous record (steps[1:])
+    validation: list[dict[str, float]]  # accuracy, loss and the analyses at each step
+    test: dict[str, float]
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+class Trainer:
+    """Trains one (model, regime) on one task for any seeds, shot counts and learning rates.
+
+    Init, train step and evaluation are compiled once per grid shape (seeds x learning rates) and
+    reused by every `run`. Runs at one seed share the new units' initial values and the batches.
+    """
+
+    def __init__(self, model, pretrained: dict | None, regime: str, task: Task, *, reinit: Sequence[str],
+                 num_steps: int, batch_size: int, eval_every: int, crop_padding: int, momentum: float,
+                 weight_decay: float, new_lr_multiplier: float, lr_decay_at: Sequence[float]):
+        self.task = task
+        self.num_steps, self.batch_size, self.eval_every = num_steps, batch_size, eval_every
+        self.crop_padding = crop_padding
+        self._pretrained = pretrained
+        image_shape = task.train.images.shape[1:]
+        sample = jnp.zeros((1, *image_shape), jnp.float32)
+        shapes = jax.eval_shape(model.init, jax.random.key(0), sample)
+        labels = groups.param_labels(shapes['params'], {} if pretrained is None else pretrained['params'],
+                                     reinit=tuple(reinit))
+        layer_order = groups.forward_order(model.clone(growth=None), jax.random.key(0), sample)
+        mask = groups.trainable_mask(labels, regime, layer_order)
+        trainable_labels, _ = groups.split(labels, mask)
+        # Runs share the frozen layers' forward pass (vmapped) only where the lowest layer is frozen.
+        self.vectorised = not any(jax.tree_util.tree_leaves(mask[layer_order[0]]))
+        schedule = steps.step_schedule(1.0, num_steps, tuple(lr_decay_at))
+
+        def optimizer(learning_rate):
+            return steps.make_optimizer(trainable_labels, learning_rate=lambda count: learning_rate * schedule(count),
+                                        momentum=momentum, weight_decay=weight_decay,
+                                        new_lr_multiplier=new_lr_multiplier)
+
+        def init_one(key, pretrained):
+            if pretrained is None:
+                variables = model.init(key, sample)
+            else:
+                variables = grow_params(pretrained, model, key, sample, reinit=tuple(reinit))
+            return steps.create_state(variables, mask, optimizer(1.0))  # the optimiser state has no lr in it
+
+        def repeat(state, num_lrs):
+            """[seed] -> [seed, lr] states, and a copy of the initial trainable leaves (the state is donated)."""
+            tile = lambda x: jnp.repeat(x[:, None], num_lrs, axis=1)
+            runs = state.replace(step=tile(state.step), trainable=jax.tree_util.tree_map(tile, state.trainable),
+                                 batch_stats=jax.tree_util.tree_map(tile, state.batch_stats),
+                                 opt_state=jax.tree_util.tree_map(tile, state.opt_state))
+            return runs, jax.tree_util.tree_map(jnp.copy, runs.trainable)
+
+        def train_one(state, learning_rate, padded_pool, pool_labels, ids, offsets, dropout_key):
+            images = random_crops(padded_pool, ids, offsets, image_shape[:2])
+            step = steps.make_train_step(model, optimizer(learning_rate), dropout_key)
+            state, metrics = step(state, {'image': images, 'label': pool_labels[ids]})
+            return state, metrics['loss']
+
+        def evaluate_one(state, initial_trainable, images, split_labels):
+            reference = groups.merge(initial_trainable, state.frozen)
+            return analysis.analyse(model, state.variables(), reference, images, split_labels)
+
+        # Axes [seed, lr]: keys and batches vary by seed only, so the lr axis shares them.
+        self._init = jax.jit(jax.vmap(init_one, in_axes=(0, None), out_axes=_STATE_AXES))
+        self._repeat = jax.jit(repeat, static_argnums=1)
+        over_lrs = jax.vmap(train_one, in_axes=(_STATE_AXES, 0, None, None, None, None, None), out_axes=(_STATE_AXES, 0))
+        self._train = jax.jit(jax.vmap(over_lrs, in_axes=(_STATE_AXES, 0, None, None, 0, 0, 0),
+                                       out_axes=(_STATE_AXES, 0)), donate_argnums=0)
+        over_runs = jax.vmap(jax.vmap(evaluate_one, in_axes=(_STATE_AXES, 0, None, None)),
+                             in_axes=(_STATE_AXES, 0, None, None))
+        self._evaluate = jax.jit(over_runs)
+        pad = ((0, 0), (crop_padding, crop_padding), (crop_padding, crop_padding), (0, 0))
+        self._pool = jnp.asarray(np.pad(task.train.images, pad))
+        self._pool_labels = jnp.asarray(task.train.labels)
+        # Both splits are evaluated in chunks of one size (their gcd), so evaluation compiles once.
+        chunk = math.gcd(len(task.validation.labels), len(task.test.labels))
+        self._splits = {name: (jnp.asarray(split.images.reshape(-1, chunk, *image_shape)),
+                               jnp.asarray(split.labels.reshape(-1, chunk)))
+                        for name, split in (('validation', task.validation), ('test', task.test))}
+
+    def _evaluate_split(self, state, initial, split: str) -> dict[str, jax.Array]:
+        """Means over the split: every value is a mean over equally sized chunks (or the same in each)."""
+        images, labels = self._splits[split]
+        chunks = [self._evaluate(state, initial, images[i], labels[i]) for i in range(len(labels))]
+        return jax.tree_util.tree_map(lambda *values: sum(values) / len(values), *chunks)
+
+    def run(self, shots: int, seeds: Sequence[int], learning_rates: Sequence[float]) -> list[RunCurves]:
+        """Trains every (seed, learning rate) pair: one vectorised grid, or single runs in turn."""
+        if self.vectorised:
+            return self._run_grid(shots, seeds, learning_rates)
+        return [curves for seed in seeds for lr in learning_rates for curves in self._run_grid(shots, [seed], [lr])]
+
+    def _run_grid(self, shots: int, seeds: Sequence[int], learning_rates: Sequence[float]) -> list[RunCurves]:
+        plans = [batch_plan(self.task.train.labels, shots, seed, self.num_steps, self.batch_size, self.crop_padding)
+                 for seed in seeds]
+        ids = jnp.asarray(np.stack([plan[0] for plan in plans]))
+        offsets = jnp.asarray(np.stack([plan[1] for plan in plans]))
+        keys = jnp.stack([jax.random.key(seed) for seed in seeds])
+        dropout_keys = jnp.stack([jax.random.fold_in(jax.random.key(seed), 1) for seed in seeds])
+        lrs = jnp.asarray(np.tile(np.asarray(learning_rates, np.float32), (len(seeds), 1)))
+        state, initial = self._repeat(self._init(keys, self._pretrained), len(learning_rates))
+        record_steps, losses = [0], []
+        validation = [self._evaluate_split(state, initial, 'validation')]
+        window = []
+        for step in range(1, self.num_steps + 1):
+            state, loss = self._train(state, lrs, self._pool, self._pool_labels, ids[:, step - 1],
+                                      offsets[:, step - 1], dropout_keys)
+            window.append(loss)
+            if step % self.eval_every == 0 or step == self.num_steps:
+                record_steps.append(step)
+                losses.append(jnp.mean(jnp.stack(window), axis=0))
+                validation.append(self._evaluate_split(state, initial, 'validation'))
+                window = []
+        losses, validation, test = jax.device_get((losses, validation, self._evaluate_split(state, initial, 'test')))
+        runs = []
+        for i, seed in enumerate(seeds):
+            for j, lr in enumerate(learning_rates):
+                pick = lambda values: {key: float(value[i, j]) for key, value in values.items()}
+                runs.append(RunCurves(seed=int(seed), learning_rate=float(lr), steps=list(record_steps),
+                                      train_loss=[float(loss[i, j]) for loss in losses],
+                                      validation=[pick(v) for v in validation], test=pick(test)))
+        return runs
+
+
+def parameter_count(model, image_shape: tuple[int, ...]) -> int:
+    shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, *image_shape), jnp.float32))
+    return sum(int(np.prod(leaf.shape)) for leaf in jax.tree_util.tree_leaves(shapes['params']))
+
+
+def as_json(runs: Sequence[RunCurves]) -> list[dict[str, Any]]:
+    return [run.to_json() for run in runs]
