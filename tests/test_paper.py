@@ -133,7 +133,7 @@ def test_quick_mode_end_to_end(data_dir, tmp_path):
     with open(os.path.join(workdir, 'docs', 'results.md')) as f:
         text = f.read()
     for expected in ('## Table 1 analogue', '## Table 3 analogue', '## Chosen learning rates', '**1. Growing beats',
-                     '**5. With normalisation', '--quick', 'LoRA r=', 'jax 0.'):
+                     '**5. With normalisation', '| claim | verdict |', '--quick', 'LoRA r=', 'jax 0.'):
         assert expected in text, expected
     for name in ('cooperation', 'learning_curves', 'scales', 'parameter_change'):
         size = os.path.getsize(os.path.join(workdir, 'docs', 'figures', f'{name}.png'))

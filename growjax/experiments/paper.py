@@ -50,7 +50,7 @@ class Settings:
 FULL = Settings(
     tasks=(('growjax_greek', 1), ('growjax_greek', 2), ('growjax_digits', 1), ('growjax_digits', 2)),
     methods=(*PAPER_METHODS, LORA), regimes=REGIMES, seeds=5, sweep_seeds=2,
-    learning_rates=(0.0003, 0.001, 0.003, 0.01), steps=80, batch_size=16, eval_every=20, units=128,
+    learning_rates=(0.0003, 0.001, 0.003, 0.01, 0.03), steps=80, batch_size=16, eval_every=20, units=128,
     lora_small_rank=4)
 # Compilation dominates a smoke run (one per method and regime), hence two regimes only.
 QUICK = dataclasses.replace(FULL, tasks=(('growjax_greek', 1),), regimes=('new', 'all'), seeds=1, sweep_seeds=1,
