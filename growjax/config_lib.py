@@ -52,10 +52,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.init.preserve_function = False
 
     c.data = ml_collections.ConfigDict()
-    c.data.name = 'growjax_greek'     # any TFDS array_record dataset; growjax_* are built offline
-    c.data.data_dir = os.path.join(DEFAULT_CACHE, 'tensorflow_datasets')
+    c.data.name = 'growjax_greek'     # a TFDS dataset (growjax_* are built offline) or 'image_folder:ROOT'
+    c.data.data_dir = os.path.join(DEFAULT_CACHE, 'tensorflow_datasets')  # TFDS data_dir
     c.data.image_size = 16
-    c.data.train_split = 'train'
+    c.data.train_split = 'train'     # TFDS split specs: 'train[:90%]', 'train+validation', ...
     c.data.eval_split = 'test'
     c.data.val_split = 'validation'   # '' for none
     c.data.shots_per_class = 5        # few-shot draw from the train split; 0 = use all of it

@@ -7,3 +7,7 @@ bug and keeps its traceback.
 
 class UserError(ValueError):
     """Bad input: the message names the culprit (config key, parameter path, file, shape) and the fix."""
+
+
+class DataError(UserError):
+    """A dataset, split, folder or selection that cannot be served; the message says how to fix it."""

@@ -208,6 +208,7 @@ BAD_INPUTS = {
     'weights of another architecture': (
         lambda tc, tmp: [f'--config.init.pretrained={other_architecture_export(tc, tmp)}'], 'params/fc7/kernel'),
     'dataset not prepared': (lambda tc, tmp: ['--config.data.name=mnist'], 'mnist'),
+    'image folder missing': (lambda tc, tmp: [f'--config.data.name=image_folder:{tmp}/nowhere'], 'nowhere'),
     'images of the wrong shape': (
         lambda tc, tmp: [f'--config.init.pretrained={other_architecture_export(tc, tmp)}', '--config.model.width=0.5',
                          '--config.data.name=growjax_greek/32px_max10', '--config.data.image_size=32'],

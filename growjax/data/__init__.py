@@ -2,7 +2,9 @@
 
 Built-in datasets (rendered Latin letters as the source task, Greek letters in held-out fonts and
 scikit-learn digits as targets) are generated locally and need neither downloads nor TensorFlow;
-see `growjax.data.builtin` and DESIGN.md ("Built-in offline data").
+see `growjax.data.builtin` and DESIGN.md ("Built-in offline data"). Any prepared TFDS dataset is
+read by name (array_record by random access with grain; tfrecord with tf.data, growjax.data.tfdata),
+and 'image_folder:ROOT' reads a user's own ROOT/<split>/<class>/<image> (growjax.data.folder).
 """
 
 from growjax.data.builtin import GREEK_CHARS
@@ -22,3 +24,4 @@ from growjax.data.sources import few_shot_indices
 from growjax.data.sources import load_source
 from growjax.data.sources import prepare_builtin
 from growjax.data.sources import read_labels
+from growjax.data.sources import StreamingSplit

@@ -19,7 +19,8 @@ import jax
 import numpy as np
 from PIL import Image
 
-from growjax.data.sources import DataError, read_examples
+from growjax.data import tfdata
+from growjax.data.sources import DataError, StreamingSplit, read_examples
 
 
 def _local_batch_size(global_batch_size: int, process_index: int, process_count: int) -> int:
@@ -40,21 +41,21 @@ def _example_ids(source, indices) -> np.ndarray:
     return ids
 
 
-def _stack(examples: list) -> tuple[np.ndarray, np.ndarray]:
-    images = np.stack([np.asarray(ex['image']) for ex in examples])
+def _stack(examples: list, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Images resized one by one to size x size (datasets may mix sizes), and labels."""
+    images = np.stack([_resize(np.asarray(ex['image']), size) for ex in examples])
     labels = np.asarray([ex['label'] for ex in examples], np.int32)
     return images, labels
 
 
-def _resize(images: np.ndarray, size: int) -> np.ndarray:
-    """Bilinear resize to size x size (PIL antialiases when shrinking), channel by channel."""
-    if images.shape[1:3] == (size, size):
-        return images
-    out = np.empty((len(images), size, size, images.shape[-1]), np.float32)
-    for i, image in enumerate(images):
-        for c in range(images.shape[-1]):
-            plane = Image.fromarray(np.ascontiguousarray(image[..., c], np.float32))
-            out[i, ..., c] = np.asarray(plane.resize((size, size), Image.BILINEAR))
+def _resize(image: np.ndarray, size: int) -> np.ndarray:
+    """Bilinear resize of one HWC image to size x size (PIL antialiases when shrinking), as float32."""
+    if image.shape[:2] == (size, size):
+        return image.astype(np.float32)
+    out = np.empty((size, size, image.shape[-1]), np.float32)
+    for c in range(image.shape[-1]):
+        plane = Image.fromarray(np.ascontiguousarray(image[..., c], np.float32))
+        out[..., c] = np.asarray(plane.resize((size, size), Image.BILINEAR))
     return out
 
 
@@ -93,9 +94,15 @@ def make_train_iterator(source, *, global_batch_size: int, seed: int, image_size
     `image_size` if stored otherwise, random crop after zero padding by `crop_padding` pixels,
     horizontal flip only if `flip` (never for letters). Its randomness is drawn per *global* batch
     and then sliced, so it too is independent of process_count. Checkpoint with
-    `get_state()` / `set_state(state)` (a JSON-serialisable dict).
+    `get_state()` / `set_state(state)` (a JSON-serialisable dict). A StreamingSplit (tfrecord) is
+    served by `tfdata.make_train_iterator` instead, with the differences its module states.
     """
     local = _local_batch_size(global_batch_size, process_index, process_count)
+    if isinstance(source, StreamingSplit):
+        return tfdata.make_train_iterator(
+            source, global_batch_size=global_batch_size, seed=seed, image_size=image_size,
+            crop_padding=crop_padding, flip=flip, mean=mean, std=std, indices=indices,
+            process_index=process_index, process_count=process_count, num_epochs=num_epochs, local_batch=local)
     ids = _example_ids(source, indices)
     if num_epochs is not None and num_epochs * len(ids) < global_batch_size:
         raise DataError(f'{num_epochs} epoch(s) of {len(ids)} examples do not fill one batch of '
@@ -106,8 +113,8 @@ def make_train_iterator(source, *, global_batch_size: int, seed: int, image_size
     def load(positions: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndarray]:
         offsets = rng.integers(0, 2 * crop_padding + 1, size=(global_batch_size, 2))[mine]
         flips = (rng.random(global_batch_size) < 0.5)[mine]
-        images, labels = _stack(read_examples(source, ids[positions[mine]]))
-        images = _crop(_resize(images, image_size), offsets, crop_padding)
+        images, labels = _stack(read_examples(source, ids[positions[mine]]), image_size)
+        images = _crop(images, offsets, crop_padding)
         if flip:
             images = np.where(flips[:, None, None, None], images[:, :, ::-1], images)
         return {'image': _normalise(images, mean, std), 'label': labels}
@@ -128,8 +135,12 @@ def make_eval_iterator(source, *, global_batch_size: int, image_size: int, mean=
     step serves all batches. Padding has image 0 and label 0.
     """
     local = _local_batch_size(global_batch_size, process_index, process_count)
+    if isinstance(source, StreamingSplit):
+        return tfdata.make_eval_iterator(source, image_size=image_size, mean=mean, std=std, indices=indices,
+                                         process_index=process_index, process_count=process_count,
+                                         local_batch=local)
     ids = _example_ids(source, indices)
-    probe, _ = _stack(read_examples(source, ids[:1]))
+    probe, _ = _stack(read_examples(source, ids[:1]), image_size)
     shape = (local, image_size, image_size, probe.shape[-1])
 
     def load(batch: int) -> dict[str, np.ndarray]:
@@ -138,8 +149,8 @@ def make_eval_iterator(source, *, global_batch_size: int, image_size: int, mean=
         images = np.zeros(shape, np.float32)
         labels = np.zeros(local, np.int32)
         if real.any():
-            found, found_labels = _stack(read_examples(source, ids[positions[real]]))
-            images[real] = _normalise(_resize(found, image_size), mean, std)
+            found, found_labels = _stack(read_examples(source, ids[positions[real]]), image_size)
+            images[real] = _normalise(found, mean, std)
             labels[real] = found_labels
         return {'image': images, 'label': labels, 'mask': real.astype(np.float32)}
 

@@ -1,7 +1,9 @@
-"""Random-access TFDS sources (array_record) by name, built-in datasets built on demand.
+"""Dataset sources by name: TFDS datasets, built-in datasets built on demand, image folders.
 
-Random access (`tfds.data_source`) rather than `tf.data`: it needs no TensorFlow, and grain can then
-shuffle globally, shard by process and checkpoint an iterator as a single index.
+Random access (`tfds.data_source` over array_record, or an image folder) is preferred: it needs no
+TensorFlow, and grain can then shuffle globally, shard by process and checkpoint an iterator as a
+single index. TFDS datasets prepared as tfrecord give a `StreamingSplit`, read with tf.data
+(growjax.data.tfdata).
 """
 
 from __future__ import annotations
@@ -13,16 +15,12 @@ from collections.abc import Mapping
 import numpy as np
 import tensorflow_datasets as tfds
 
-from growjax.data import builtin
-from growjax.errors import UserError
+from growjax.data import builtin, folder
+from growjax.errors import DataError
 
 BUILTIN = tuple(builtin.BUILDERS)
 DEFAULT_IMAGE_SIZE = 16
 _CONFIG_RE = re.compile(r'(\d+)px(?:_max(\d+))?')
-
-
-class DataError(UserError):
-    """A dataset, split or selection that cannot be served; the message says how to fix it."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,6 +31,23 @@ class DatasetMeta:
     image_shape: tuple[int, int, int]  # (H, W, C) as stored
     split_sizes: Mapping[str, int]
     class_names: tuple[str, ...]
+
+
+class StreamingSplit:
+    """A split of a TFDS dataset prepared without random access (tfrecord), read in file order."""
+
+    def __init__(self, builder: tfds.core.DatasetBuilder, split: str):
+        self.builder = builder
+        self.split = split
+        self.num_examples = builder.info.splits[split].num_examples
+
+    def __len__(self) -> int:
+        return self.num_examples
+
+    @property
+    def name(self) -> str:
+        config = f'/{self.builder.builder_config.name}' if self.builder.builder_config else ''
+        return f'{self.builder.name}{config}'
 
 
 def _builtin_builder(name: str, data_dir: str, image_size: int | None,
@@ -81,10 +96,11 @@ def _prepared_builder(name: str, data_dir: str, image_size: int | None):
         builder = _builtin_builder(name, data_dir, image_size)
         builder.download_and_prepare(file_format='array_record')
         return builder
-    hint = (f'Dataset {name!r} is not prepared in data_dir {data_dir!r}. Prepare it once, in the '
-            f'array_record format (growjax reads it by random access, without TensorFlow): '
-            f'`tfds build {name} --data_dir={data_dir} --file_format=array_record`. Built-in '
-            f'datasets ({", ".join(BUILTIN)}) need no preparation.')
+    hint = (f'Dataset {name!r} is not prepared in data_dir {data_dir!r}. Prepare it once, preferably in the '
+            f'array_record format (read by random access, without TensorFlow): '
+            f'`tfds build {name} --data_dir={data_dir} --file_format=array_record` (tfrecord also works, '
+            f'read with tf.data). Built-in datasets ({", ".join(BUILTIN)}) need no preparation; for your own '
+            f"images use data.name='{folder.PREFIX}ROOT' with ROOT/<split>/<class>/<image>.")
     try:
         builder = tfds.builder(name, data_dir=data_dir)
     except tfds.core.registered.DatasetNotFoundError as e:
@@ -95,28 +111,35 @@ def _prepared_builder(name: str, data_dir: str, image_size: int | None):
 
 
 def load_source(name: str, split: str, data_dir: str, image_size: int | None = None):
-    """Random-access source (`tfds.data_source`) of a TFDS array_record dataset.
+    """The examples of one split: a random-access source, or a StreamingSplit for tfrecord datasets.
 
     Built-in datasets are built on demand; `image_size` picks their rendered size (default 16; it
-    is ignored for other datasets, which are resized by the input pipeline instead). Elements are
-    dicts with 'image' (uint8 HWC) and 'label'.
+    is ignored for other datasets, which are resized by the input pipeline instead).
+    name='image_folder:ROOT' reads ROOT/<split>/<class>/<image> (data_dir is not used). Elements are
+    dicts with 'image' (uint8 HWC) and 'label'; split specs follow TFDS ('train[:90%]', 'a+b').
     """
+    root = folder.root_of(name)
+    if root is not None:
+        return folder.ImageFolderSource(folder.index_folder(root), split)
     builder = _prepared_builder(name, data_dir, image_size)
     available = list(builder.info.splits)
     for part in split.split('+'):
         if part.split('[')[0].strip() not in available:
             raise DataError(f'Unknown split {split!r} of {name} (data_dir {data_dir!r}); '
                             f'available splits: {", ".join(available)}.')
-    try:
-        return builder.as_data_source(split=split)
-    except ValueError as e:  # prepared in a format without random access (e.g. tfrecord)
-        raise DataError(f'{name} in {data_dir!r} cannot be read by random access ({e}). Rebuild it '
-                        f'with `tfds build {name} --data_dir={data_dir} '
-                        '--file_format=array_record`.') from e
+    if builder.info.file_format != tfds.core.FileFormat.ARRAY_RECORD:
+        return StreamingSplit(builder, split)
+    return builder.as_data_source(split=split)
 
 
 def dataset_info(name: str, data_dir: str, image_size: int | None = None) -> DatasetMeta:
-    """Classes, image shape and split sizes (builds a built-in dataset if needed)."""
+    """Classes, image shape (None for sizes that vary) and split sizes (builds a built-in dataset if needed)."""
+    root = folder.root_of(name)
+    if root is not None:
+        index = folder.index_folder(root)
+        return DatasetMeta(name=f'{folder.PREFIX}{root}', num_classes=len(index.class_names),
+                           image_shape=(None, None, index.channels), split_sizes=index.split_sizes(),
+                           class_names=index.class_names)
     builder = _prepared_builder(name, data_dir, image_size)
     info = builder.info
     label = info.features['label']
@@ -139,7 +162,12 @@ def read_examples(source, ids) -> list:
 
 
 def read_labels(source) -> np.ndarray:
-    """All labels of a source (int64), e.g. to draw few-shot subsets; reads every record once."""
+    """All labels of a source (int64) in its order, e.g. to draw few-shot subsets."""
+    if isinstance(source, StreamingSplit):
+        from growjax.data import tfdata  # imports TensorFlow
+        return tfdata.read_labels(source)
+    if isinstance(source, folder.ImageFolderSource):
+        return source.labels()
     return np.asarray([ex['label'] for ex in read_examples(source, range(len(source)))], np.int64)
 
 
