@@ -56,18 +56,19 @@ def builtin_pretrained_dir(config: ml_collections.ConfigDict) -> str:
     return os.path.join(config.init.cache_dir, 'pretrained', f'{config.model.name}_latin_{digest}')
 
 
-def load_pretrained(config: ml_collections.ConfigDict) -> dict | None:
+def load_pretrained(config: ml_collections.ConfigDict, sharding: jax.sharding.Sharding | None = None) -> dict | None:
     """Pretrained variables for the config (None: train from scratch).
 
     'builtin' pretrains the plain model on the source task the first time and caches it (later
     runs reuse it); a .pth/.pt/.bin/.safetensors file holds published PyTorch weights
-    (growjax.pretrained); anything else is the path of a growjax export (a finished run's workdir).
+    (growjax.pretrained), placed leaf by leaf with `sharding` when given (the host then never holds
+    the whole converted tree); anything else is the path of a growjax export (a finished run's workdir).
     """
     source = config.init.pretrained
     if not source:
         return None
     if source.endswith(WEIGHT_FILE_SUFFIXES):
-        return from_torch(source, config.model.name, width=config.model.width)
+        return from_torch(source, config.model.name, width=config.model.width, sharding=sharding)
     if source == 'builtin':
         workdir = builtin_pretrained_dir(config)
         if not os.path.isdir(os.path.join(workdir, checkpoint.EXPORT_DIR)):
@@ -233,7 +234,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     model = build_model(config, meta.num_classes)
     # Shapes only: a growth spec the model cannot apply fails here, before any pretraining.
     jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, *image_shape)))
-    pretrained = load_pretrained(config)
+    pretrained = load_pretrained(config, steps.replicated(mesh))
     state, optimizer, dropout_rng = init_state(config, model, pretrained, mesh, image_shape)
     train_step = steps.shard_train_step(steps.make_train_step(model, optimizer, dropout_rng), mesh)
     eval_step = steps.shard_eval_step(steps.make_eval_step(model), mesh)

@@ -364,6 +364,10 @@ def test_load_pretrained_converts_weight_files(tmp_path):
     config = config_lib.base_config()
     config.model.name, config.model.width, config.init.pretrained = 'resnet18', WIDTH, str(path)
     _assert_same_tree(load_pretrained(config), pretrained.from_torch(_state_dict('resnet18'), 'resnet18'))
+    replicated = NamedSharding(Mesh(np.array(jax.devices()), ('data',)), P())
+    placed = load_pretrained(config, replicated)  # as main.py does: each leaf onto the mesh as converted
+    assert all(leaf.sharding == replicated for leaf in jax.tree_util.tree_leaves(placed))
+    _assert_same_tree(jax.device_get(placed), pretrained.from_torch(_state_dict('resnet18'), 'resnet18'))
     config.model.name = 'vgg16'  # weights of another architecture: one line naming the first key
     with pytest.raises(UserError, match=r"does not hold growjax vgg16 .*'features\.0\.weight' is missing"):
         load_pretrained(config)
