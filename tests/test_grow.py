@@ -1,5 +1,6 @@
 """grow_params: exact grafting, strictness, purity under jit on sharded trees, function preservation."""
 import copy
+import logging
 
 import flax.linen as nn
 import jax
@@ -50,6 +51,48 @@ def test_new_leaves_come_from_the_models_initialisers(pretrained):
     fresh = model.init(jax.random.key(1), X)
     for path in growjax.new_paths(grown, pretrained):
         np.testing.assert_array_equal(flatten(grown)[path], flatten(fresh)[path])
+
+
+def test_repeated_eager_calls_compile_once_and_match_model_init(pretrained, caplog):
+    model = small_cnn(Growth.dwa(8))  # grown by no other test, so its first call compiles
+    key = jax.random.key(1)
+
+    def grow_and_count_compiles():
+        caplog.clear()
+        with jax.log_compiles(), caplog.at_level(logging.WARNING, logger='jax'):
+            grown = grow_params(pretrained, model, key, X, reinit='^classifier/')
+        return grown, [r.getMessage() for r in caplog.records if r.getMessage().startswith('Compiling')]
+
+    first, compiles = grow_and_count_compiles()
+    assert compiles, 'the first call compiles the init (else this test counts nothing)'
+    second, compiles = grow_and_count_compiles()
+    assert not compiles, compiles
+    fresh, pretrained_flat = flatten(model.init(key, X)), flatten(pretrained)
+    new = growjax.new_paths(second, pretrained, reinit='^classifier/')
+    assert new and flatten(second).keys() == fresh.keys()
+    for path, leaf in flatten(second).items():
+        if path in new:
+            np.testing.assert_array_equal(leaf, fresh[path], err_msg='/'.join(path))
+        else:  # the caller's own array, neither copied nor changed
+            assert leaf is pretrained_flat[path] is flatten(first)[path], '/'.join(path)
+
+
+def test_unhashable_model_still_grows():
+    class ListMLP(nn.Module):  # a list field makes a Flax module unhashable: no cached init, same result
+        sizes: list
+
+        @nn.compact
+        def __call__(self, x):
+            for size in self.sizes:
+                x = nn.Dense(size)(x)
+            return x
+
+    x = jnp.ones((1, 3))
+    pretrained = ListMLP([4]).init(jax.random.key(0), x)
+    grown = grow_params(pretrained, ListMLP([4, 2]), jax.random.key(1), x)
+    assert grown['params']['Dense_0']['kernel'] is pretrained['params']['Dense_0']['kernel']
+    np.testing.assert_array_equal(grown['params']['Dense_1']['kernel'],
+                                  ListMLP([4, 2]).init(jax.random.key(1), x)['params']['Dense_1']['kernel'])
 
 
 def test_shape_mismatch_names_path_and_both_shapes(pretrained):
