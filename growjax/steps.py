@@ -3,12 +3,15 @@
 The trainable and frozen parameters live in separate trees, and the step differentiates the
 trainable tree only: XLA then never computes a gradient for a frozen leaf (and, below the lowest
 trainable layer, no backward pass at all). The optimiser state exists for trainable leaves only.
+Frozen BatchNorm layers are frozen entirely: they normalise with their running averages, which
+stay as pretrained (otherwise a "frozen" trunk would still drift with the target's batch statistics).
 """
 from __future__ import annotations
 
 from typing import Any, Callable, Mapping
 
 import flax
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -78,6 +81,29 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, mask: jax.Array | None =
     return (losses * mask).sum() / jnp.maximum(mask.sum(), 1.0)
 
 
+def frozen_batch_norms_use_running_averages(frozen: Mapping) -> nn.module.Interceptor:
+    """A Flax method interceptor: BatchNorm layers whose parameters are in `frozen` run with
+    use_running_average=True (no batch statistics, no update of their running averages).
+
+    The models pass the mode at call time (a mode fixed in a BatchNorm's constructor cannot be
+    overridden: such a frozen layer in training mode is an error, not a silent drift).
+    """
+    frozen_modules = {path[:-1] for path in flatten(frozen)}
+
+    def interceptor(next_fun, args, kwargs, context):
+        module = context.module
+        if (isinstance(module, nn.BatchNorm) and context.method_name == '__call__'
+                and tuple(module.path) in frozen_modules):
+            if module.use_running_average is None:
+                kwargs = {**kwargs, 'use_running_average': True}
+            elif not module.use_running_average:
+                raise ValueError(f"BatchNorm {'/'.join(module.path)} is frozen but fixes use_running_average=False "
+                                 'in its constructor; pass the mode at call time so the step can freeze it.')
+        return next_fun(*args, **kwargs)
+
+    return interceptor
+
+
 def make_train_step(model, optimizer: optax.GradientTransformation, dropout_rng: jax.Array) -> Callable:
     """A pure step (state, batch) -> (state, metrics); jit it with `shard_step`."""
 
@@ -87,8 +113,9 @@ def make_train_step(model, optimizer: optax.GradientTransformation, dropout_rng:
         if state.batch_stats:
             variables['batch_stats'] = state.batch_stats
             mutable = ['batch_stats']
-        logits, model_updates = model.apply(variables, batch['image'], train=True, mutable=mutable,
-                                            rngs={'dropout': rng})
+        with nn.intercept_methods(frozen_batch_norms_use_running_averages(state.frozen)):
+            logits, model_updates = model.apply(variables, batch['image'], train=True, mutable=mutable,
+                                                rngs={'dropout': rng})
         loss = cross_entropy(logits, batch['label'])
         return loss, (logits, model_updates.get('batch_stats', state.batch_stats))
 

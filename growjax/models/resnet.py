@@ -42,10 +42,15 @@ def _conv(features: int, kernel: int, strides: int, dtype, name: str) -> nn.Conv
                    use_bias=False, kernel_init=he_normal_flat, dtype=dtype, name=name)
 
 
-def _batch_norm(train: bool, dtype, name: str, zero_scale: bool = False) -> nn.BatchNorm:
-    """torch's BatchNorm2d defaults (momentum 0.1 there is 0.9 here: Flax weighs the old average)."""
-    return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=dtype,
+def _batch_norm(x: jax.Array, train: bool, dtype, name: str, zero_scale: bool = False) -> jax.Array:
+    """torch's BatchNorm2d defaults (momentum 0.1 there is 0.9 here: Flax weighs the old average).
+
+    The mode is passed at call time, not to the constructor, so that the train step can run frozen
+    layers with their running averages (steps.frozen_batch_norms_use_running_averages).
+    """
+    norm = nn.BatchNorm(momentum=0.9, epsilon=1e-5, dtype=dtype,
                         scale_init=nn.initializers.zeros if zero_scale else nn.initializers.ones, name=name)
+    return norm(x, use_running_average=not train)
 
 
 class _ResidualBlock(nn.Module):
@@ -68,7 +73,7 @@ class _ResidualBlock(nn.Module):
 
     def _conv_bn_relu(self, x, features: int, kernel: int, strides: int, conv_name: str, bn_name: str, train: bool):
         x = _conv(features, kernel, strides, self.dtype, conv_name)(x)
-        return nn.relu(_batch_norm(train, self.dtype, bn_name)(x))
+        return nn.relu(_batch_norm(x, train, self.dtype, bn_name))
 
     def _reading_conv(self, old, new, features: int, kernel: int, name: str, new_name: str):
         """Conv `name` over the old channels and, when widened, the new `new_name` channels as well."""
@@ -85,11 +90,11 @@ class _ResidualBlock(nn.Module):
 
     def _residual(self, x, branch, last_bn: str, train: bool):
         """relu(BN(branch) + shortcut); the shortcut is a 1x1 conv + BN where the shape changes."""
-        branch = _batch_norm(train, self.dtype, last_bn, zero_scale=self.start_as_identity)(branch)
+        branch = _batch_norm(branch, train, self.dtype, last_bn, zero_scale=self.start_as_identity)
         shortcut = x
         if self.downsample:
             shortcut = _conv(self.features * self.expansion, 1, self.strides, self.dtype, 'downsample_conv')(x)
-            shortcut = _batch_norm(train, self.dtype, 'downsample_bn')(shortcut)
+            shortcut = _batch_norm(shortcut, train, self.dtype, 'downsample_bn')
         return nn.relu(branch + shortcut)
 
 
@@ -169,7 +174,7 @@ class ResNet(nn.Module):
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         self._check()
         x = _conv(self._channels(BASE_WIDTH), 7, 2, self.dtype, 'stem_conv')(x)
-        x = nn.relu(_batch_norm(train, self.dtype, 'stem_bn')(x))
+        x = nn.relu(_batch_norm(x, train, self.dtype, 'stem_bn'))
         x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
         for index in range(len(self.stage_sizes)):
             x = self._stage(x, index, train)
