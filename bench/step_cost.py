@@ -5,6 +5,12 @@
 Prints markdown tables: images/s (median of interleaved repeats), XLA cost-analysis FLOPs, the
 time ratio vs the FLOP ratio (grown / plain fine-tuning), achieved FLOP/s and MFU against a
 large f32 matmul timed in the same process.
+
+Ratios are paired: in every repeat each variant runs right after the others, the ratio to the
+baseline is taken within that repeat, and the table gives the median ratio and its interquartile
+range over repeats (slow drifts of a shared machine's load cancel within a repeat). Besides wall
+time, the process CPU time (all threads) is reported: it does not count time spent descheduled by
+other jobs, so its ratio is the steadier one on a loaded machine.
 """
 import argparse
 import os
@@ -76,21 +82,24 @@ class Step:
             self.state = steps.create_state(variables, mask, opt)
             self.fn = steps.shard_train_step(steps.make_train_step(model, opt, jax.random.key(2)), mesh)
             self.flops = flops_of(self.fn, self.state, self.batch)
-        self.times = []
+        self.times, self.cpu_times = [], []
         self.run(2)  # compile + warm up
 
     def run(self, n):
-        t = time.perf_counter()
+        """(wall seconds, process CPU seconds) per step over n steps."""
+        wall, cpu = time.perf_counter(), time.process_time()
         for _ in range(n):
             if self.forward_only:
                 out = self.fn(self.variables, self.batch['image'])
             else:
                 self.state, out = self.fn(self.state, self.batch)
         jax.block_until_ready(out)
-        return (time.perf_counter() - t) / n
+        return (time.perf_counter() - wall) / n, (time.process_time() - cpu) / n
 
     def time(self, n):
-        self.times.append(self.run(n))
+        wall, cpu = self.run(n)
+        self.times.append(wall)
+        self.cpu_times.append(cpu)
 
     @property
     def seconds(self):
@@ -101,6 +110,18 @@ def measure(steps_by_name, reps, n):
     for _ in range(reps):  # interleaved, so load from other jobs hits every variant alike
         for s in steps_by_name.values():
             s.time(n)
+
+
+def paired_ratio(variant: 'Step', base: 'Step', cpu: bool) -> tuple[float, float, float]:
+    """Median and quartiles over repeats of variant time / base time within the same repeat."""
+    a, b = (variant.cpu_times, base.cpu_times) if cpu else (variant.times, base.times)
+    q1, median, q3 = np.percentile(np.asarray(a) / np.asarray(b), [25, 50, 75])
+    return median, q1, q3
+
+
+def fmt(ratio: tuple[float, float, float]) -> str:
+    median, q1, q3 = ratio
+    return f'{median:.3f} [{q1:.3f}, {q3:.3f}]'
 
 
 def main():
@@ -115,21 +136,25 @@ def main():
           f'measured f32 matmul peak (2048^3): {peak / 1e9:.1f} GFLOP/s\n')
 
     print('## Grown vs plain fine-tuning (regime all)\n')
-    print('| backbone | method | img/s | ms/step | GFLOP/step | time ratio | FLOP ratio | time/FLOP ratio | GFLOP/s | MFU |')
-    print('|---|---|---|---|---|---|---|---|---|---|')
+    print('Ratios: median [quartiles] over repeats of the paired ratio to fine-tuning; time/FLOP uses the medians.\n')
+    print('| backbone | method | img/s | ms/step | GFLOP/step | FLOP ratio | wall-time ratio | CPU-time ratio '
+          '| wall time/FLOP | CPU time/FLOP | GFLOP/s | MFU |')
+    print('|---|---|---|---|---|---|---|---|---|---|---|---|')
     for case, (name, width, size) in CASES.items():
         ss = {m: Step(name, width, size, m, 'all', args.batch) for m in METHODS}
         measure(ss, args.reps, args.iters)
         base = ss['finetune']
         for m, s in ss.items():
-            tr, fr = s.seconds / base.seconds, s.flops / base.flops
+            fr = s.flops / base.flops
+            wall, cpu = paired_ratio(s, base, cpu=False), paired_ratio(s, base, cpu=True)
             print(f'| {case} | {m} | {args.batch / s.seconds:,.0f} | {s.seconds * 1e3:.2f} | {s.flops / 1e9:.3f} | '
-                  f'{tr:.3f} | {fr:.3f} | {tr / fr:.3f} | {s.flops / s.seconds / 1e9:.1f} | '
-                  f'{s.flops / s.seconds / peak:.1%} |')
+                  f'{fr:.3f} | {fmt(wall)} | {fmt(cpu)} | {wall[0] / fr:.3f} | {cpu[0] / fr:.3f} | '
+                  f'{s.flops / s.seconds / 1e9:.1f} | {s.flops / s.seconds / peak:.1%} |')
 
     print('\n## Frozen regimes vs forward-only (WA grown, NormScale)\n')
-    print('| backbone | regime | img/s | ms/step | GFLOP/step | time / forward | FLOPs / forward | MFU |')
-    print('|---|---|---|---|---|---|---|---|')
+    print('| backbone | regime | img/s | ms/step | GFLOP/step | wall time / forward | CPU time / forward '
+          '| FLOPs / forward | MFU |')
+    print('|---|---|---|---|---|---|---|---|---|')
     for case, (name, width, size) in CASES.items():
         ss = {'forward-only': Step(name, width, size, 'wa', 'all', args.batch, forward_only=True)}
         for regime in ('new', 'fc7_new', 'all'):
@@ -138,7 +163,8 @@ def main():
         fwd = ss['forward-only']
         for r, s in ss.items():
             print(f'| {case} | {r} | {args.batch / s.seconds:,.0f} | {s.seconds * 1e3:.2f} | {s.flops / 1e9:.3f} | '
-                  f'{s.seconds / fwd.seconds:.3f} | {s.flops / fwd.flops:.3f} | {s.flops / s.seconds / peak:.1%} |')
+                  f'{fmt(paired_ratio(s, fwd, cpu=False))} | {fmt(paired_ratio(s, fwd, cpu=True))} | '
+                  f'{s.flops / fwd.flops:.3f} | {s.flops / s.seconds / peak:.1%} |')
 
 
 if __name__ == '__main__':
