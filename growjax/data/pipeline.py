@@ -100,9 +100,9 @@ def make_train_iterator(source, *, global_batch_size: int, seed: int, image_size
     local = _local_batch_size(global_batch_size, process_index, process_count)
     if isinstance(source, StreamingSplit):
         return tfdata.make_train_iterator(
-            source, global_batch_size=global_batch_size, seed=seed, image_size=image_size,
-            crop_padding=crop_padding, flip=flip, mean=mean, std=std, indices=indices,
-            process_index=process_index, process_count=process_count, num_epochs=num_epochs, local_batch=local)
+            source, local_batch=local, seed=seed, image_size=image_size, crop_padding=crop_padding, flip=flip,
+            mean=mean, std=std, indices=indices, process_index=process_index, process_count=process_count,
+            num_epochs=num_epochs)
     ids = _example_ids(source, indices)
     if num_epochs is not None and num_epochs * len(ids) < global_batch_size:
         raise DataError(f'{num_epochs} epoch(s) of {len(ids)} examples do not fill one batch of '

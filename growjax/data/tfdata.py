@@ -36,9 +36,10 @@ def _image_is_encoded(source: StreamingSplit) -> bool:
     return isinstance(source.builder.info.features['image'], tfds.features.Image)
 
 
-def _read(source: StreamingSplit, split, *, decode: bool):
-    """Examples {'image', 'label'} of `split` in file order; images left encoded unless `decode`."""
-    decoders = None if decode or not _image_is_encoded(source) else {'image': tfds.decode.SkipDecoding()}
+def _read(source: StreamingSplit, split):
+    """Examples {'image', 'label'} of `split` in file order, images still encoded (decoding after
+    the shuffle buffer and the few-shot filter keeps both cheap)."""
+    decoders = {'image': tfds.decode.SkipDecoding()} if _image_is_encoded(source) else None
     ds = source.builder.as_dataset(split=split, shuffle_files=False, decoders=decoders,
                                    read_config=tfds.ReadConfig(try_autocache=False))
     return ds.map(lambda ex: {'image': ex['image'], 'label': ex['label']})
@@ -53,7 +54,7 @@ def _decode(source: StreamingSplit, image):
 def read_labels(source: StreamingSplit) -> np.ndarray:
     """All labels of the split (int64) in reading order, without decoding images."""
     _tensorflow()
-    labels = _read(source, source.split, decode=False).map(lambda ex: ex['label']).batch(4096)
+    labels = _read(source, source.split).map(lambda ex: ex['label']).batch(4096)
     return np.concatenate([np.asarray(b, np.int64) for b in labels.as_numpy_iterator()] or [np.zeros(0, np.int64)])
 
 
@@ -67,11 +68,11 @@ def _process_share(source: StreamingSplit, tf, indices, process_index: int, proc
     count = _share_size(source, indices, process_index, process_count)
     if indices is None:
         share = tfds.even_splits(source.split, n=process_count)[process_index]
-        return _read(source, share, decode=False), count
+        return _read(source, share), count
     keep = np.zeros(len(source), bool)
     keep[indices] = True
     keep = tf.constant(keep)
-    ds = _read(source, source.split, decode=False).enumerate().filter(lambda i, ex: tf.gather(keep, i))
+    ds = _read(source, source.split).enumerate().filter(lambda i, ex: tf.gather(keep, i))
     return ds.map(lambda i, ex: ex).shard(process_count, process_index), count
 
 
@@ -121,11 +122,12 @@ class TrainIterator:
         self._iterator = self._build(self._batches_read * self._local_batch)
 
 
-def make_train_iterator(source: StreamingSplit, *, global_batch_size: int, seed: int, image_size: int,
+def make_train_iterator(source: StreamingSplit, *, local_batch: int, seed: int, image_size: int,
                         crop_padding: int = 0, flip: bool = False, mean=0.0, std=1.0,
                         indices: Sequence[int] | None = None, process_index: int = 0, process_count: int = 1,
-                        num_epochs: int | None = None, local_batch: int) -> TrainIterator:
-    """As `pipeline.make_train_iterator`, for a tfrecord split (see the module docstring).
+                        num_epochs: int | None = None) -> TrainIterator:
+    """As `pipeline.make_train_iterator`, for a tfrecord split (see the module docstring); batches
+    of `local_batch` (this process's share of the global batch).
 
     Every random draw (shuffle, crop offsets, flips) comes from `seed` and the example's position in
     the stream, so rebuilding the stream and skipping the examples already seen resumes exactly.
