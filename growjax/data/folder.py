@@ -84,7 +84,8 @@ def index_folder(root: str) -> ImageFolder:
         files[split] = tuple(p for p, _ in pairs)
         labels[split] = np.asarray([label for _, label in pairs], np.int64)
     first = files['train' if 'train' in files else splits[0]][0]
-    channels = 1 if _open(first).mode in _GRAYSCALE_MODES else 3
+    with _open(first) as image:
+        channels = 1 if image.mode in _GRAYSCALE_MODES else 3
     return ImageFolder(root, tuple(class_names), files, labels, channels)
 
 
