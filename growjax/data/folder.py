@@ -59,16 +59,16 @@ def index_folder(root: str) -> ImageFolder:
     """
     if not os.path.isdir(root):
         raise DataError(f'Image folder {root!r} (config.data.name={PREFIX}{root}) does not exist. It must hold '
-                          'one folder per split, each with one folder per class: ROOT/train/<class>/<image>.')
+                        'one folder per split, each with one folder per class: ROOT/train/<class>/<image>.')
     splits = [s for s in _listdir(root) if os.path.isdir(os.path.join(root, s))]
     if not splits:
         raise DataError(f'{root} has no split folders; expected ROOT/<split>/<class>/<image>, e.g. '
-                          f'{os.path.join(root, "train", "cat", "0001.jpg")}.')
+                        f'{os.path.join(root, "train", "cat", "0001.jpg")}.')
     class_names = sorted({c for s in splits for c in _listdir(os.path.join(root, s))
                           if os.path.isdir(os.path.join(root, s, c))})
     if not class_names:
         raise DataError(f'The split folders of {root} ({", ".join(splits)}) hold no class folders; expected '
-                          'ROOT/<split>/<class>/<image>.')
+                        'ROOT/<split>/<class>/<image>.')
     label_of = {name: i for i, name in enumerate(class_names)}
     files, labels = {}, {}
     for split in splits:
@@ -115,7 +115,7 @@ class ImageFolderSource:
                 {s: types.SimpleNamespace(num_examples=n) for s, n in folder.split_sizes().items()})
         except (KeyError, ValueError, AssertionError) as e:
             raise DataError(f'Split {split!r} of the image folder {folder.root}: {e} (split folders: '
-                              f'{", ".join(folder.files)}).') from None
+                            f'{", ".join(folder.files)}).') from None
         self._files, self._labels = [], []
         for part in instructions:
             window = slice(part.from_, part.to)

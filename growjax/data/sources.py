@@ -46,8 +46,13 @@ class StreamingSplit:
 
     @property
     def name(self) -> str:
-        config = f'/{self.builder.builder_config.name}' if self.builder.builder_config else ''
-        return f'{self.builder.name}{config}'
+        return _full_name(self.builder)
+
+
+def _full_name(builder: tfds.core.DatasetBuilder) -> str:
+    """'name/config' (or 'name' for a builder without configs), as tfds.load takes it."""
+    config = f'/{builder.builder_config.name}' if builder.builder_config else ''
+    return f'{builder.name}{config}'
 
 
 def _builtin_builder(name: str, data_dir: str, image_size: int | None,
@@ -143,9 +148,8 @@ def dataset_info(name: str, data_dir: str, image_size: int | None = None) -> Dat
     builder = _prepared_builder(name, data_dir, image_size)
     info = builder.info
     label = info.features['label']
-    config = f'/{builder.builder_config.name}' if builder.builder_config else ''
     return DatasetMeta(
-        name=f'{builder.name}{config}',
+        name=_full_name(builder),
         num_classes=label.num_classes,
         image_shape=tuple(info.features['image'].shape),
         split_sizes={split: info.splits[split].num_examples for split in info.splits},

@@ -67,8 +67,7 @@ def _process_share(source: StreamingSplit, tf, indices, process_index: int, proc
     """
     count = _share_size(source, indices, process_index, process_count)
     if indices is None:
-        share = tfds.even_splits(source.split, n=process_count)[process_index]
-        return _read(source, share), count
+        return _read(source, _even_share(source, process_index, process_count)), count
     keep = np.zeros(len(source), bool)
     keep[indices] = True
     keep = tf.constant(keep)
@@ -76,10 +75,14 @@ def _process_share(source: StreamingSplit, tf, indices, process_index: int, proc
     return ds.map(lambda i, ex: ex).shard(process_count, process_index), count
 
 
+def _even_share(source: StreamingSplit, process_index: int, process_count: int):
+    """This process's sub-split of the split (sizes differ by at most one)."""
+    return tfds.even_splits(source.split, n=process_count)[process_index]
+
+
 def _share_size(source: StreamingSplit, indices, process_index: int, process_count: int) -> int:
     if indices is None:
-        share = tfds.even_splits(source.split, n=process_count)[process_index]
-        return source.builder.info.splits[share].num_examples
+        return source.builder.info.splits[_even_share(source, process_index, process_count)].num_examples
     indices = np.asarray(indices, np.int64)
     if indices.ndim != 1 or not len(indices) or indices.min() < 0 or indices.max() >= len(source):
         raise DataError(f'indices out of range (or empty) for {source.name} {source.split!r} of {len(source)} examples.')
