@@ -9,6 +9,7 @@ from growjax.models.head import FcHeadNet
 from growjax.models.resnet import ResNet18, ResNet50
 from growjax.models.small_cnn import SmallCNN
 from growjax.models.vgg import VGG16
+from growjax.models.vit import ViT
 
 _REGISTRY = {
     'small_cnn': SmallCNN,
@@ -16,6 +17,7 @@ _REGISTRY = {
     'vgg16': VGG16,
     'resnet18': ResNet18,
     'resnet50': ResNet50,
+    'vit': ViT,
 }
 
 
