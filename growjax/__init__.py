@@ -2,6 +2,8 @@
 
 After Wang, Ramanan, Hebert, "Growing a Brain: Fine-Tuning by Increasing Model Capacity", CVPR 2017.
 """
+__version__ = '0.2.0'  # also the package version (pyproject.toml reads it)
+
 from growjax import models, pretrained
 from growjax.grow import GraftError, graft, grow_opt_state, grow_params, new_paths
 from growjax.groups import forward_order, param_labels, regime_names, scale_by_group, trainable_mask
