@@ -29,7 +29,10 @@ def one_line(err: BaseException) -> str:
     text = str(err).replace('\\n', '\n').replace("\\'", "'")
     if 'Traceback (most recent call last)' in text:
         text = text.strip().splitlines()[-1]
-    return ' '.join(text.strip('\'"').split())
+    text = ' '.join(text.split())
+    if len(text) > 1 and text[0] == text[-1] and text[0] in '\'"':  # a KeyError's message comes quoted
+        text = text[1:-1]
+    return text
 
 
 def parse_flags(argv):
@@ -53,14 +56,15 @@ def parse_flags(argv):
 
 def main(argv):
     del argv
-    from growjax import train  # after flag parsing: JAX starts only for a real run
+    from growjax import analysis, train  # after flag parsing: JAX starts only for a real run
     from growjax.errors import UserError
 
     absl_logging.set_verbosity(absl_logging.WARNING)  # orbax and tfds log every file at INFO
     logging.getLogger('growjax').setLevel(logging.INFO)
     workdir = FLAGS.workdir or default_workdir(FLAGS['config'].config_filename)
     try:
-        summary = train.train_and_evaluate(FLAGS.config, workdir)
+        hooks = analysis.hooks() if FLAGS.config.train.analysis else ()
+        summary = train.train_and_evaluate(FLAGS.config, workdir, eval_hooks=hooks)
     except UserError as err:
         print(f'error: {one_line(err)}', file=sys.stderr)
         return 2

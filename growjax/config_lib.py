@@ -10,13 +10,14 @@ import os
 
 import ml_collections
 
+from growjax import methods
 from growjax.errors import UserError
 from growjax.models.growth import Growth
+from growjax.models.resnet import PAPER_LAYERS as RESNET_LAYERS
+from growjax.pretrained import IMAGENET_MEAN, IMAGENET_STD
 
 DEFAULT_CACHE = os.path.join(os.path.expanduser('~'), '.cache', 'growjax')
 REQUIRED = 'required: '  # an init.pretrained value that asks the user for a path
-RESNET_LAYERS = {'fc6': 'stage3', 'fc7': 'stage4'}  # where the paper's methods grow a ResNet
-METHODS = ('scratch', 'finetune', 'wa', 'da', 'dwa', 'wwa', 'lora')
 
 
 class ConfigError(UserError):
@@ -35,7 +36,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.dtype = 'float32'         # compute dtype: 'float32' or 'bfloat16' (params stay float32)
 
     c.growth = ml_collections.ConfigDict()
-    c.growth.method = 'wa'            # one of METHODS; 'scratch' trains the plain model from random init
+    c.growth.method = 'wa'            # a growjax.methods name; 'scratch' trains the plain model from random init
     c.growth.units = 256              # S: units added (WA/DWA/WWA: to fc7; DA/DWA: fc_a's width)
     c.growth.norm_scale = True        # the paper's "grow" (True) or "ori" (False)
     c.growth.scale_init = 10.0        # gamma's initial value
@@ -125,27 +126,24 @@ def parse_layer_counts(spec: str, key: str) -> dict[str, int]:
 
 
 def growth_from_config(config: ml_collections.ConfigDict) -> Growth | None:
-    """The model's Growth: the paper method's preset, plus any explicit widen / deepen entries.
+    """The model's Growth: the method's (growjax.methods), plus any explicit widen / deepen entries.
 
-    ResNets have no fc6/fc7, so there the paper's methods act on the last two stages: fc7 -> stage4
-    (units = channels added to its blocks' inner width), fc6 -> stage3, and fc_a -> one residual
-    block inserted at the end of stage4.
+    ResNets have no fc6/fc7, so there the paper's methods act on the last two stages
+    (growjax.models.resnet.PAPER_LAYERS), and fc_a is one residual block inserted at the end of stage4.
     """
     g = config.growth
-    lora = Growth.lora_preset(g.lora_rank).lora_ranks if g.method == 'lora' else {}
-    if g.method in ('scratch', 'finetune', 'lora'):
-        base_widen, base_deepen = {}, {}
-    else:
-        preset = Growth.from_method(g.method, g.units, norm_scale=g.norm_scale, scale_init=g.scale_init)
-        base_widen, base_deepen = preset.widen_by, preset.deepen_by
-        if config.model.name.startswith('resnet'):
-            base_widen = {RESNET_LAYERS[layer]: units for layer, units in base_widen.items()}
-            base_deepen = {RESNET_LAYERS[layer]: 1 for layer in base_deepen}
-    widen = {**base_widen, **parse_layer_counts(g.widen, 'growth.widen')}
-    deepen = {**base_deepen, **parse_layer_counts(g.deepen, 'growth.deepen')}
+    spec = methods.get(g.method).growth(g)
+    widen, deepen = (spec.widen_by, spec.deepen_by) if spec else ({}, {})
+    if config.model.name.startswith('resnet'):
+        widen = {RESNET_LAYERS[layer]: units for layer, units in widen.items()}
+        deepen = {RESNET_LAYERS[layer]: 1 for layer in deepen}
+    widen.update(parse_layer_counts(g.widen, 'growth.widen'))
+    deepen.update(parse_layer_counts(g.deepen, 'growth.deepen'))
+    lora = spec.lora_ranks if spec else {}
     if not widen and not deepen and not lora:
         return None
-    return Growth(widen=widen, deepen=deepen, norm_scale=g.norm_scale, scale_init=g.scale_init, lora=lora)
+    norm_scale = spec.norm_scale if spec else g.norm_scale  # a method may fix it (wa_ori)
+    return Growth(widen=widen, deepen=deepen, norm_scale=norm_scale, scale_init=g.scale_init, lora=lora)
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -154,7 +152,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
         if not condition:
             raise ConfigError(f'config.{key}: {message}')
 
-    need(config.growth.method in METHODS, 'growth.method', f'{config.growth.method!r} is not one of {METHODS}.')
+    need(config.growth.method in methods.METHODS, 'growth.method',
+         f'{config.growth.method!r} is not one of {list(methods.METHODS)}.')
     need(config.growth.units > 0, 'growth.units', f'must be a positive number of units, got {config.growth.units}.')
     need(config.growth.scale_init > 0, 'growth.scale_init', f'must be positive, got {config.growth.scale_init}.')
     need(config.growth.lora_rank > 0, 'growth.lora_rank', f'must be a positive rank, got {config.growth.lora_rank}.')
@@ -177,16 +176,15 @@ def validate(config: ml_collections.ConfigDict) -> None:
          f'fractions must be in (0, 1), got {tuple(config.train.lr_decay_at)}.')
     need(not config.init.pretrained.startswith(REQUIRED), 'init.pretrained',
          f'{config.init.pretrained[len(REQUIRED):]}: pass --config.init.pretrained=PATH.')
-    need(config.growth.method != 'scratch' or not config.init.pretrained, 'init.pretrained',
-         "growth.method='scratch' trains from random init: set init.pretrained='' (or pick another method).")
-    need(config.growth.method == 'scratch' or config.init.pretrained, 'init.pretrained',
-         f"growth.method={config.growth.method!r} grows a pretrained model: set init.pretrained to 'builtin' or a path.")
+    method = methods.METHODS[config.growth.method]
+    need(method.pretrained or not config.init.pretrained, 'init.pretrained',
+         f"growth.method={method.name!r} trains from random init: set init.pretrained='' (or pick another method).")
+    need(not method.pretrained or config.init.pretrained, 'init.pretrained',
+         f"growth.method={method.name!r} starts from a pretrained model: set init.pretrained to 'builtin' or a path.")
 
 
 # Real settings of the paper (and today's ResNets). They need data and weights the user has:
 # a TFDS data_dir with the dataset prepared, and published ImageNet weights (growjax.pretrained).
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 PRESET_DATASETS = {'flowers102': 'oxford_flowers102', 'caltech_birds2011': 'caltech_birds2011',
                    'sun397': 'sun397', 'mit67': 'mit67'}
 PRESET_MODELS = {
@@ -210,7 +208,7 @@ def apply_preset(config: ml_collections.ConfigDict, preset: str | None) -> ml_co
     config.model.name = model
     config.model.dropout_rate = 0.0 if model.startswith('resnet') else 0.5
     config.growth.units = 1024
-    if config.growth.method != 'scratch':
+    if methods.METHODS[config.growth.method].pretrained:
         config.init.pretrained = REQUIRED + PRESET_MODELS[model]
     config.data.name = PRESET_DATASETS[dataset]
     config.data.data_dir = os.path.join(os.path.expanduser('~'), 'tensorflow_datasets')

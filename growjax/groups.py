@@ -6,6 +6,7 @@ layers train; frozen leaves are split off before differentiation so they cost no
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Iterable, Mapping, NamedTuple, Sequence
 
 import jax
@@ -85,6 +86,50 @@ def forward_order(model, rng: jax.Array, *sample_args) -> list[str]:
     return order
 
 
+def pretrained_layer_order(model, pretrained_params: Mapping | None, rng: jax.Array, *sample_args) -> list[str]:
+    """The top-level layers of the grown `model` that hold pretrained leaves, bottom to top.
+
+    Regimes count from these. They come from the grown model itself, not from its plain
+    architecture, so layers added by an earlier growth round (e.g. `fc7_plus` in a grown export
+    grown again) are pretrained layers in their forward position. With no pretrained tree
+    (training from scratch) every layer counts.
+    """
+    order = forward_order(model, rng, *sample_args)
+    return order if not pretrained_params else [name for name in order if name in pretrained_params]
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamGroups:
+    """Which leaves of a grown model are new, and which train under a regime."""
+    labels: dict  # 'pretrained' / 'new' per leaf
+    mask: dict  # True where the leaf trains
+    layer_order: tuple[str, ...]  # the pretrained top-level layers, bottom to top
+
+    @property
+    def trainable_labels(self) -> dict:
+        """The labels of the trainable leaves only (the tree the optimiser sees)."""
+        return split(self.labels, self.mask)[0]
+
+    def trains(self, layer: str) -> bool:
+        """Whether any leaf of top-level `layer` trains."""
+        return any(jax.tree_util.tree_leaves(self.mask.get(layer, {})))
+
+
+def param_groups(model, pretrained_params: Mapping | None, regime: str, *sample_args,
+                 reinit: str | Iterable[str] = ()) -> ParamGroups:
+    """Labels, layer order and regime mask of `model` grown from `pretrained_params` (None: from
+    scratch, every leaf new). Reads shapes only: nothing is initialised or computed.
+
+    The one place where a training set-up decides what trains; the main job, the paper's runner
+    and research code all call it.
+    """
+    rng = jax.random.key(0)  # shapes and names do not depend on it
+    shapes = jax.eval_shape(lambda: model.init(rng, *sample_args))  # closed over: a `train` flag stays Python
+    labels = param_labels(shapes['params'], pretrained_params or {}, reinit=reinit)
+    order = pretrained_layer_order(model, pretrained_params, rng, *sample_args)
+    return ParamGroups(labels=labels, mask=trainable_mask(labels, regime, order), layer_order=tuple(order))
+
+
 def split(tree: Mapping, mask: Mapping) -> tuple[dict, dict]:
     """(trainable, frozen) sub-trees of `tree`; `merge` puts them back together."""
     mask_flat = flatten(mask)
@@ -116,13 +161,39 @@ def scale_by_group(labels: Mapping, multipliers: Mapping[str, float]) -> optax.G
         del params
         return ScaleByGroupState()
 
+    def scale(label, update):
+        if isinstance(update, optax.MaskedNode):  # inside multi_transform / masked: another group's leaf
+            return update
+        return update * jnp.asarray(multipliers[label], update.dtype)
+
     def update_fn(updates, state, params=None):
         del params
-        scaled = jax.tree_util.tree_map(lambda u, label: u * jnp.asarray(multipliers[label], u.dtype),
-                                        updates, labels)
-        return scaled, state
+        return jax.tree_util.tree_map(scale, labels, updates), state
 
     return optax.GradientTransformation(init_fn, update_fn)
+
+
+FROZEN = 'frozen'
+
+
+def growth_optimizer(optimizer: optax.GradientTransformation, groups: ParamGroups, *,
+                     new_lr_multiplier: float = 10.0, pretrained_lr_multiplier: float = 1.0,
+                     ) -> optax.GradientTransformation:
+    """Any optax `optimizer` for a grown model: it updates only the leaves that train under the
+    regime (`groups.mask`), new leaves at `new_lr_multiplier` x its learning rate (the paper: 10x).
+
+    Frozen leaves get zero updates and no optimiser state (optax.masked). For research code that
+    differentiates the whole tree; the main job's step goes further and never computes their
+    gradients (growjax.steps). Its structure does not depend on the labels, so after growing again
+    `grow_opt_state(state, old_params, new_params, optimizer=growth_optimizer(optimizer, new_groups))`
+    carries the state over.
+    """
+    mask = flatten(groups.mask)
+    labels = unflatten({path: label if mask[path] else FROZEN for path, label in flatten(groups.labels).items()})
+    return optax.chain(
+        optax.masked(optimizer, groups.mask),
+        scale_by_group(labels, {PRETRAINED: pretrained_lr_multiplier, NEW: new_lr_multiplier, FROZEN: 0.0}),
+    )
 
 
 def describe(labels: Mapping, mask: Mapping, params: Mapping) -> str:

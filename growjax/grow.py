@@ -12,6 +12,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
+import optax
 from flax import traverse_util
 
 from growjax.errors import UserError
@@ -97,27 +98,39 @@ def graft(pretrained: Mapping, grown_init: Mapping, reinit: Sequence[re.Pattern]
                       for path, leaf in flatten(grown_init).items()})
 
 
-def _leaves_of_init(model, paths: frozenset[Path] | None, rng: jax.Array, *sample_args) -> dict[Path, Any]:
-    """The leaves at `paths` (all when None) of `model.init(rng, *sample_args)`, flat. Under jit,
-    the other leaves are dead code: XLA never computes or allocates them."""
-    flat = flatten(model.init(rng, *sample_args))
+def _leaves_of_init(model, paths: frozenset[Path] | None, static: tuple, rng: jax.Array, *arrays) -> dict[Path, Any]:
+    """The leaves at `paths` (all when None) of `model.init(rng, *sample_args)`, flat, where the sample
+    args are `arrays` with the `static` (position, value) ones put back. Under jit, the other leaves
+    are dead code: XLA never computes or allocates them."""
+    args = list(arrays)
+    for position, value in static:
+        args.insert(position, value)
+    flat = flatten(model.init(rng, *args))
     return flat if paths is None else {path: flat[path] for path in paths}
 
 
-# Module level, model and paths static: jit's cache holds one executable per (model, paths, argument
-# shapes), so repeated eager grow_params calls compile once (a fresh jax.jit(model.init) per call
-# never hits the cache: 46x a plain copy's time at 100M parameters, docs/performance.md).
-_init_leaves_cached = jax.jit(_leaves_of_init, static_argnums=(0, 1))
+# Module level, model, paths and static arguments static: jit's cache holds one executable per (model,
+# paths, argument shapes), so repeated eager grow_params calls compile once (a fresh jax.jit(model.init)
+# per call never hits the cache: 46x a plain copy's time at 100M parameters, docs/performance.md).
+_init_leaves_cached = jax.jit(_leaves_of_init, static_argnums=(0, 1, 2))
 
 
-def _init_leaves(model, paths: frozenset[Path] | None):
-    """A jitted `(rng, *sample_args) -> leaves`: the cached one unless the model is unhashable (e.g.
-    a list field), which still works but compiles on every call."""
+def _split_static(sample_args: Sequence) -> tuple[tuple, list]:
+    """Python scalars and None among the sample args (e.g. a `train` flag) are static, the rest traced."""
+    static = tuple((i, a) for i, a in enumerate(sample_args) if a is None or isinstance(a, (bool, int, float, str)))
+    arrays = [a for i, a in enumerate(sample_args) if i not in dict(static)]
+    return static, arrays
+
+
+def _init_leaves(model, paths: frozenset[Path] | None, sample_args: Sequence):
+    """(a jitted `(rng, *arrays) -> leaves`, the array sample args): the cached one unless the model is
+    unhashable (e.g. a list field), which still works but compiles on every call."""
+    static, arrays = _split_static(sample_args)
     try:
         hash(model)
     except TypeError:
-        return jax.jit(functools.partial(_leaves_of_init, model, paths))
-    return functools.partial(_init_leaves_cached, model, paths)
+        return jax.jit(functools.partial(_leaves_of_init, model, paths, static)), arrays
+    return functools.partial(_init_leaves_cached, model, paths, static), arrays
 
 
 def grow_params(pretrained_variables: Mapping, model, rng: jax.Array, *sample_args,
@@ -146,11 +159,35 @@ def grow_params(pretrained_variables: Mapping, model, rng: jax.Array, *sample_ar
         model = model.clone(preserve_function=True)
     patterns = compile_patterns(reinit)
     # Strictness is checked from shapes alone, before running the (possibly large) init.
-    shapes = jax.eval_shape(_init_leaves(model, None), rng, *sample_args)
+    init_all, arrays = _init_leaves(model, None, sample_args)
+    shapes = jax.eval_shape(init_all, rng, *arrays)
+    collections = {path[0] for path in shapes}
+    if 'params' in collections and isinstance(pretrained_variables, Mapping) and 'params' not in pretrained_variables:
+        raise GraftError(f'grow_params takes variables with their collections, e.g. {{\'params\': params}}, but the '
+                         f'pretrained tree\'s top level is {sorted(pretrained_variables)[:6]}: pass {{\'params\': params}}.')
     copied = graft_plan(pretrained_variables, unflatten(shapes), patterns)
-    fresh = _init_leaves(model, frozenset(shapes.keys() - copied))(rng, *sample_args)
     pretrained_flat = flatten(pretrained_variables)
-    return unflatten({path: pretrained_flat[path] if path in copied else fresh[path] for path in shapes})
+    sources = _copy_sources(model, pretrained_flat, shapes, sample_args)
+    init_new, _ = _init_leaves(model, frozenset(shapes.keys() - copied - sources.keys()), sample_args)
+    fresh = init_new(rng, *arrays)
+    return unflatten({path: pretrained_flat[path] if path in copied else
+                      pretrained_flat[sources[path]] if path in sources else fresh[path] for path in shapes})
+
+
+def _copy_sources(model, pretrained_flat: Mapping[Path, Any], shapes: Mapping[Path, Any], sample_args) -> dict:
+    """{new path: pretrained path} of new leaves that start as a copy of a pretrained leaf, from
+    the model's `graft_sources` (surgery's InsertAfter(block='copy')); strict like grafting."""
+    if not hasattr(model, 'graft_sources'):
+        return {}
+    sources = model.graft_sources(*sample_args)
+    problems = [f'{path_str(new)} copies {path_str(old)}, which the pretrained tree '
+                + ('lacks' if old not in pretrained_flat else
+                   f'holds with shape {_shape(pretrained_flat[old])}, not {_shape(shapes[new])}')
+                for new, old in sources.items()
+                if old not in pretrained_flat or _shape(pretrained_flat[old]) != _shape(shapes[new])]
+    if problems:
+        raise GraftError('Cannot initialise copied blocks from the pretrained variables:\n  ' + '\n  '.join(problems))
+    return sources
 
 
 def new_paths(grown: Mapping, pretrained: Mapping, reinit: str | Iterable[str] = ()) -> set[Path]:
@@ -166,7 +203,7 @@ def _is_param_shaped(node, old_structure, old_leaves) -> bool:
     return all(_shape(a) == _shape(b) for a, b in zip(jax.tree_util.tree_leaves(node), old_leaves))
 
 
-def grow_opt_state(opt_state: PyTree, old_params: Mapping, new_params: Mapping) -> PyTree:
+def grow_opt_state(opt_state: PyTree, old_params: Mapping, new_params: Mapping, optimizer=None) -> PyTree:
     """The optimiser state for `new_params`, grown from the state for `old_params`.
 
     Every subtree of `opt_state` shaped like `old_params` (momentum traces, Adam's mu and nu, in
@@ -174,10 +211,19 @@ def grow_opt_state(opt_state: PyTree, old_params: Mapping, new_params: Mapping) 
     slots kept bit for bit, new slots zero (a new unit has no history). Everything else (step
     counts, schedules' state, hyperparameters) is kept as it is, so training continues where it
     was. A pretrained slot whose shape changed is an error, as in grafting.
+
+    `optimizer`: the optimiser of the grown model, when it differs from the old one in which leaves
+    it trains or how it groups them (e.g. `growth_optimizer` rebuilt with the grown model's labels,
+    whose masked state holds no slots for frozen leaves, or a multi_transform that gained a group).
+    The state then takes the new optimiser's structure (its `init(new_params)`), with every slot
+    and count the old state has at the same place carried over: a leaf that starts training gets
+    a fresh slot, one that stops training loses its slot.
     """
+    graft_plan(old_params, new_params)  # every old slot must have a same-shaped place
+    if optimizer is not None:
+        return _carry_over(opt_state, optimizer.init(new_params), ())
     old_structure = jax.tree_util.tree_structure(old_params)
     old_leaves = jax.tree_util.tree_leaves(old_params)
-    graft_plan(old_params, new_params)  # every old slot must have a same-shaped place
 
     def grow_slot(slot_tree):
         zeros = jax.tree_util.tree_map(
@@ -187,6 +233,10 @@ def grow_opt_state(opt_state: PyTree, old_params: Mapping, new_params: Mapping) 
     def visit(node):
         if _is_param_shaped(node, old_structure, old_leaves) and isinstance(node, Mapping):
             return grow_slot(node)
+        if isinstance(node, optax.MaskedNode) or _holds_masked_node(node, old_structure):
+            raise GraftError('grow_opt_state: the optimiser state holds masked slots (optax.masked or '
+                             'multi_transform): pass optimizer=<the grown model\'s optimiser> so that the masks of the '
+                             'grown tree are known.')
         if isinstance(node, tuple) and hasattr(node, '_fields'):  # NamedTuple states (optax)
             return type(node)(*(visit(child) for child in node))
         if isinstance(node, (tuple, list)):
@@ -196,6 +246,50 @@ def grow_opt_state(opt_state: PyTree, old_params: Mapping, new_params: Mapping) 
         return node
 
     return visit(opt_state)
+
+
+def _holds_masked_node(node, old_structure) -> bool:
+    """A params-like mapping with masked (MaskedNode) leaves."""
+    if not isinstance(node, Mapping):
+        return False
+    leaves = jax.tree_util.tree_leaves(node, is_leaf=lambda x: isinstance(x, optax.MaskedNode))
+    return any(isinstance(leaf, optax.MaskedNode) for leaf in leaves) and \
+        jax.tree_util.tree_structure(node) != old_structure
+
+
+def _carry_over(old, new, where: tuple) -> PyTree:
+    """`new` (a fresh state of the grown model's optimiser) with what `old` holds at the same places."""
+    here = '/'.join(str(part) for part in where) or '(the state itself)'
+    if isinstance(new, optax.MaskedNode) or old is None:
+        return new  # a frozen leaf has no slot; a new place keeps its fresh value
+    if isinstance(old, optax.MaskedNode):
+        return new  # a leaf that starts training: a fresh slot
+    if isinstance(new, tuple) and hasattr(new, '_fields'):
+        if type(old) is not type(new):
+            raise GraftError(f'grow_opt_state: at {here} the old state holds a {type(old).__name__}, the grown '
+                             f'optimiser a {type(new).__name__}: build the grown optimiser like the old one.')
+        return type(new)(*(_carry_over(getattr(old, f), getattr(new, f), (*where, f)) for f in new._fields))
+    if isinstance(new, (tuple, list)):
+        if not isinstance(old, (tuple, list)) or len(old) != len(new):
+            raise GraftError(f'grow_opt_state: at {here} the old state has {len(old) if isinstance(old, (tuple, list)) else 1}'
+                             f' parts, the grown optimiser {len(new)}: build the grown optimiser like the old one '
+                             '(the same chain of transformations).')
+        return type(new)(_carry_over(o, n, (*where, i)) for i, (o, n) in enumerate(zip(old, new)))
+    if isinstance(new, Mapping):
+        if not isinstance(old, Mapping):
+            raise GraftError(f'grow_opt_state: at {here} the old state holds a {type(old).__name__}, the grown '
+                             'optimiser a mapping.')
+        lost = set(old) - set(new)
+        if lost:
+            raise GraftError(f'grow_opt_state: at {here} the old state has {sorted(lost)}, which the grown optimiser '
+                             'lacks (a parameter or a group would be dropped).')
+        return type(new)({k: _carry_over(old.get(k), v, (*where, k)) for k, v in new.items()})
+    if hasattr(new, 'shape') and hasattr(old, 'shape'):
+        if _shape(old) != _shape(new):
+            raise GraftError(f'grow_opt_state: at {here} the old slot has shape {_shape(old)}, the grown optimiser\'s '
+                             f'{_shape(new)}: a pretrained leaf changed shape.')
+        return jnp.asarray(old, dtype=new.dtype) if hasattr(new, 'dtype') else old
+    return new if not jax.tree_util.tree_leaves(old) else old
 
 
 def _slot_dtype(slot_tree: Mapping, param) -> jnp.dtype:

@@ -2,7 +2,7 @@
 
 Naming is the contract of the whole library: a layer that gains inputs keeps its pretrained
 `kernel`/`bias` for the original group and gets one new subtree `from_<group>` per added group,
-so every pretrained leaf keeps its path and shape (DESIGN.md, principle 1).
+so every pretrained leaf keeps its path and shape (docs/design.md, principle 1).
 """
 from __future__ import annotations
 

@@ -44,7 +44,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from growjax import models
-from growjax.config_lib import IMAGENET_MEAN, IMAGENET_STD
 from growjax.errors import UserError
 from growjax.grow import Path, flatten, path_str, unflatten
 from growjax.models import vit
@@ -54,6 +53,9 @@ from growjax.models.vgg import MIN_INPUT_SIZE as VGG_MIN_INPUT_SIZE
 __all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'PretrainedError', 'SUPPORTED', 'WEIGHT_FILE_SUFFIXES', 'from_big_vision',
            'from_torch', 'model_options']
 
+# What the published ImageNet networks were trained on: RGB in [0, 1], normalised with these per channel.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 WEIGHT_FILE_SUFFIXES = ('.pth', '.pt', '.bin', '.safetensors')  # .bin: Hugging Face's pytorch_model.bin
 
 Shape = tuple[int, ...]

@@ -74,11 +74,9 @@ def step_schedule(base_lr: float, total_steps: int, decay_at: tuple[float, ...],
         base_lr, {max(1, int(round(fraction * total_steps))): factor for fraction in decay_at})
 
 
-def cross_entropy(logits: jax.Array, labels: jax.Array, mask: jax.Array | None = None) -> jax.Array:
-    losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
-    if mask is None:
-        return losses.mean()
-    return (losses * mask).sum() / jnp.maximum(mask.sum(), 1.0)
+def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """Mean softmax cross-entropy, computed in float32 whatever the logits' dtype."""
+    return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels).mean()
 
 
 def frozen_batch_norms_use_running_averages(frozen: Mapping) -> nn.module.Interceptor:
@@ -132,15 +130,20 @@ def make_train_step(model, optimizer: optax.GradientTransformation, dropout_rng:
     return train_step
 
 
+def masked_sums(logits: jax.Array, batch: Mapping) -> dict[str, jax.Array]:
+    """Summed loss, correct predictions and count over a batch's real examples: an eval batch is
+    padded to a fixed size, with batch['mask'] 1 for real examples and 0 for padding."""
+    mask = batch.get('mask', jnp.ones(batch['label'].shape, jnp.float32))
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), batch['label'])
+    correct = (jnp.argmax(logits, -1) == batch['label']).astype(jnp.float32)
+    return {'loss_sum': (losses * mask).sum(), 'correct': (correct * mask).sum(), 'count': mask.sum()}
+
+
 def make_eval_step(model) -> Callable:
-    """(state, batch) -> summed loss, correct and count over the batch's real (mask=1) examples."""
+    """(state, batch) -> `masked_sums` of the model's logits."""
 
     def eval_step(state: TrainState, batch) -> dict:
-        logits = model.apply(state.variables(), batch['image'], train=False)
-        mask = batch.get('mask', jnp.ones(batch['label'].shape, jnp.float32))
-        losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), batch['label'])
-        correct = (jnp.argmax(logits, -1) == batch['label']).astype(jnp.float32)
-        return {'loss_sum': (losses * mask).sum(), 'correct': (correct * mask).sum(), 'count': mask.sum()}
+        return masked_sums(model.apply(state.variables(), batch['image'], train=False), batch)
 
     return eval_step
 

@@ -13,8 +13,9 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 
-from growjax import analysis, checkpoint, config_lib, data, groups, models, steps
+from growjax import checkpoint, config_lib, data, groups, models, steps
 from growjax.errors import UserError
 from growjax.grow import grow_params
 from growjax.outputs import MetricsWriter, ProgressBar, plot_curves
@@ -67,6 +68,10 @@ def load_pretrained(config: ml_collections.ConfigDict, sharding: jax.sharding.Sh
     source = config.init.pretrained
     if not source:
         return None
+    if source != 'builtin' and not os.path.exists(source):
+        raise config_lib.ConfigError(
+            f"config.init.pretrained: {source} does not exist. Pass 'builtin', the workdir of a finished growjax "
+            f"run (its export/), or a published weights file ({', '.join(WEIGHT_FILE_SUFFIXES)}).")
     if source.endswith(WEIGHT_FILE_SUFFIXES):
         return from_torch(source, config.model.name, width=config.model.width, sharding=sharding)
     if source == 'builtin':
@@ -75,9 +80,6 @@ def load_pretrained(config: ml_collections.ConfigDict, sharding: jax.sharding.Sh
             log.info('Pretraining the built-in source model into %s (cached for later runs).', workdir)
             train_and_evaluate(config_lib.pretrain_config(config), workdir)
         source = workdir
-    if not os.path.exists(source):
-        raise config_lib.ConfigError(f'config.init.pretrained: {source} does not exist. Pass the workdir of a '
-                                     "finished growjax run (its export/), or 'builtin'.")
     variables, description = checkpoint.load_export(source)
     trained_size = description.get('image_size')
     if trained_size is not None and trained_size != config.data.image_size:
@@ -176,28 +178,24 @@ def init_state(config, model, pretrained, mesh, image_shape):
     replicated = steps.replicated(mesh)
     if pretrained is None:
         variables = jax.jit(model.init, out_shardings=replicated)(init_rng, sample)
-        pretrained_params = {}
     else:
         pretrained = jax.device_put(pretrained, replicated)  # wherever it was loaded, onto this mesh
         variables = jax.jit(
             lambda p, key: grow_params(p, model, key, sample, reinit=tuple(config.init.reinit),
                                        preserve_function=config.init.preserve_function),
             out_shardings=replicated)(pretrained, init_rng)
-        pretrained_params = pretrained['params']
-    labels = groups.param_labels(variables['params'], pretrained_params, reinit=tuple(config.init.reinit))
-    plain = models.get(config.model.name, num_classes=2, width=config.model.width)
-    layer_order = groups.forward_order(plain, init_rng, sample)
     try:
-        mask = groups.trainable_mask(labels, config.train.regime, layer_order)
+        param_groups = groups.param_groups(model, None if pretrained is None else pretrained['params'],
+                                           config.train.regime, sample, reinit=tuple(config.init.reinit))
     except ValueError as err:
         raise config_lib.ConfigError(f'config.train.regime: {err}') from None
-    trainable_labels, _ = groups.split(labels, mask)
-    schedule = steps.step_schedule(config.train.learning_rate, config.train.steps, tuple(config.train.lr_decay_at))
-    optimizer = steps.make_optimizer(trainable_labels, learning_rate=schedule, momentum=config.train.momentum,
-                                     weight_decay=config.train.weight_decay,
+    optimizer = steps.make_optimizer(param_groups.trainable_labels, learning_rate=learning_rate_schedule(config),
+                                     momentum=config.train.momentum, weight_decay=config.train.weight_decay,
                                      new_lr_multiplier=config.train.new_lr_multiplier)
+    mask = param_groups.mask
     state = jax.jit(lambda v: steps.create_state(v, mask, optimizer), out_shardings=replicated)(variables)
-    log.info('Parameters (layer, group, trains?, count):\n%s', groups.describe(labels, mask, variables['params']))
+    log.info('Parameters (layer, group, trains?, count):\n%s',
+             groups.describe(param_groups.labels, mask, variables['params']))
     return state, optimizer, dropout_rng
 
 
@@ -218,13 +216,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        eval_hooks: Sequence[EvalHook] = ()) -> dict[str, Any]:
     """Grows the pretrained model the config names, fine-tunes, evaluates; returns the summary.
 
-    Rerunning with the same workdir resumes from its latest checkpoint. `eval_hooks` run at step 0
-    and at every evaluation (e.g. the analyses of growjax.analysis); what they return is written
-    to metrics.jsonl with split 'analysis'; config.train.analysis adds growjax.analysis.hooks().
+    Rerunning with the same workdir resumes from its latest checkpoint. `eval_hooks` run at step 0,
+    at every evaluation during training and after the final one (e.g. `growjax.analysis.hooks()`,
+    which main.py passes for config.train.analysis=True); what they return is written to
+    metrics.jsonl with split 'analysis'. Evaluation during training reads the validation split
+    only (none without one); the test split is evaluated once, at the end.
     """
     config_lib.validate(config)
-    if config.train.analysis:
-        eval_hooks = (*eval_hooks, *analysis.hooks())
+    if config.train.analysis and not eval_hooks:
+        raise config_lib.ConfigError('config.train.analysis=True, but no eval_hooks were passed: pass '
+                                     'eval_hooks=growjax.analysis.hooks() (main.py does).')
+    if not config.data.val_split:
+        log.info('config.data.val_split is empty: no evaluation during training; the %s split is evaluated '
+                 'once, at the end.', config.data.eval_split)
     if config.multihost:
         initialize_distributed(config.distributed)
     check_batch_sizes(config)
@@ -258,15 +262,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
             if values:
                 writer.write(step, 'analysis', values)
 
-    def evaluate_and_analyse(step, state):
-        writer.write(step, config.data.eval_split, evaluate(eval_step, state, eval_batches(config.data.eval_split)))
+    def evaluate_during_training(step, state):
+        # Curves (and any choice made from them) see the validation split only; the test split is
+        # evaluated once, at the end.
+        if config.data.val_split:
+            writer.write(step, config.data.val_split, evaluate(eval_step, state, eval_batches(config.data.val_split)))
         run_hooks(step, state)
 
     try:
         if start_step == 0:
             run_hooks(0, state)
         state = fit(config, workdir, state, train_step, train_iter, start_step, mesh, manager, writer,
-                    evaluate_and_analyse)
+                    evaluate_during_training)
         manager.wait_until_finished()
         summary = final_evaluation(config, workdir, writer, eval_step, state, eval_batches)
         run_hooks(config.train.steps, state)
@@ -280,8 +287,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     return summary
 
 
-def fit(config, workdir, state, train_step, train_iter, start_step, mesh, manager, writer, evaluate_and_analyse):
+def fit(config, workdir, state, train_step, train_iter, start_step, mesh, manager, writer, evaluate_during_training):
     """The training loop from `start_step`: logs, evaluates, checkpoints; returns the final state."""
+    schedule = learning_rate_schedule(config)
     batches = data.device_prefetch(train_iter, steps.batch_sharding(mesh))
     progress = ProgressBar(config.train.steps, start_step, enabled=config.train.progress and jax.process_index() == 0,
                            description=os.path.basename(os.path.normpath(workdir)))
@@ -301,12 +309,12 @@ def fit(config, workdir, state, train_step, train_iter, start_step, mesh, manage
                 means = {key: float(np.mean([m[key] for m in window])) for key in window[0]}
                 images_per_second = len(window) * config.train.batch_size / (time.perf_counter() - window_start)
                 writer.write(step, 'train', {**means, 'images_per_second': images_per_second,
-                                             'learning_rate': float(optimizer_lr(config, step))})
+                                             'learning_rate': float(schedule(step))})
                 progress.update(step, loss=means['loss'], accuracy=means['accuracy'],
                                 images_per_second=images_per_second)
                 window, window_start = [], time.perf_counter()
             if step % config.train.eval_every == 0 and step != config.train.steps:
-                evaluate_and_analyse(step, state)
+                evaluate_during_training(step, state)
             if save_now:
                 checkpoint.save(manager, step, state, batches.get_state())
     finally:
@@ -325,8 +333,9 @@ def check_finite(metrics: list[dict], first_step: int, workdir: str) -> list[dic
     return metrics
 
 
-def optimizer_lr(config, step: int) -> float:
-    return steps.step_schedule(config.train.learning_rate, config.train.steps, tuple(config.train.lr_decay_at))(step)
+def learning_rate_schedule(config) -> optax.Schedule:
+    """The paper's step schedule of config.train (the optimiser's, and the one logged)."""
+    return steps.step_schedule(config.train.learning_rate, config.train.steps, tuple(config.train.lr_decay_at))
 
 
 def final_evaluation(config, workdir, writer, eval_step, state, eval_batches) -> dict[str, Any]:

@@ -10,6 +10,7 @@ import pytest
 
 import growjax
 from growjax import Growth, analysis, config_lib, data, grow_params, train
+from growjax.analysis import cli
 from growjax.outputs import read_metrics
 
 SOURCE = 'growjax_latin/16px_max10'
@@ -84,7 +85,7 @@ def finished_run(tmp_path_factory):
     config.train.progress = False
     config.train.analysis = True
     workdir = str(tmp_path_factory.mktemp('run'))
-    train.train_and_evaluate(config, workdir)
+    train.train_and_evaluate(config, workdir, eval_hooks=analysis.hooks())
     return workdir
 
 
@@ -100,8 +101,8 @@ def test_hooks_log_the_analyses_at_every_evaluation(finished_run):
 
 
 def test_command_plots_logged_records(finished_run):
-    assert analysis.main(['--workdir', finished_run]) == 0
-    for name in analysis.FIGURES:
+    assert cli.main(['--workdir', finished_run]) == 0
+    for name in cli.FIGURES:
         assert os.path.getsize(os.path.join(finished_run, name)) > 1000
     with open(os.path.join(finished_run, 'analysis.json')) as f:
         assert [r['step'] for r in json.load(f)] == [0, 4, 8]
@@ -113,7 +114,8 @@ def test_command_analyses_the_export_of_a_run_without_records(finished_run, tmp_
     kept = [r for r in read_metrics(workdir) if r['split'] != 'analysis']
     with open(os.path.join(workdir, 'metrics.jsonl'), 'w') as f:
         f.writelines(json.dumps(r) + '\n' for r in kept)
-    (record,) = analysis.records_from_workdir(workdir)
+    (record,), split = cli.records_from_workdir(workdir)
+    assert split == 'validation'
     logged = [r for r in read_metrics(finished_run) if r['split'] == 'analysis'][-1]
     assert record['step'] == 8
     # The export holds the final parameters, so the scales match the last logged record; the change is
@@ -124,5 +126,5 @@ def test_command_analyses_the_export_of_a_run_without_records(finished_run, tmp_
 
 
 def test_command_refuses_a_folder_that_is_not_a_run(tmp_path, capsys):
-    assert analysis.main(['--workdir', str(tmp_path)]) == 2
+    assert cli.main(['--workdir', str(tmp_path)]) == 2
     assert 'is it a growjax workdir?' in capsys.readouterr().err

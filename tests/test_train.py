@@ -37,6 +37,47 @@ def test_end_to_end_writes_every_output(tiny_config, tmp_path):
     assert second['step'] == 12
 
 
+def test_evaluation_during_training_reads_the_validation_split_only(tiny_config, tmp_path):
+    config = tiny_config()
+    config.train.eval_every = 4
+    train.train_and_evaluate(config, str(tmp_path))
+    records = [json.loads(line) for line in open(tmp_path / 'metrics.jsonl')]
+    assert [r['step'] for r in records if r['split'] == 'validation'] == [4, 8, 12]
+    assert [r['step'] for r in records if r['split'] == 'test'] == [12]  # once, at the end
+
+
+def test_without_a_validation_split_only_the_final_evaluation_runs(tiny_config, tmp_path):
+    config = tiny_config()
+    config.data.val_split = ''
+    summary = train.train_and_evaluate(config, str(tmp_path))
+    records = [json.loads(line) for line in open(tmp_path / 'metrics.jsonl')]
+    assert [(r['step'], r['split']) for r in records if r['split'] not in ('config', 'train')] == [(12, 'test')]
+    assert 'validation_accuracy' not in summary
+
+
+def test_continual_growth_trains_the_layers_an_earlier_round_added(tiny_config, tmp_path):
+    """Round 1 (WA) adds fc7_plus and classifier_norm; round 2 (WWA) grows its export again. They are
+    pretrained layers of round 2 and must train under regimes that reach them (the regime's layer
+    order once came from the plain architecture, which lacks them: they stayed frozen)."""
+    from growjax.checkpoint import load_export
+    train.train_and_evaluate(tiny_config('wa'), str(tmp_path / 'round1'))
+    round1 = flatten(load_export(str(tmp_path / 'round1'))[0]['params'])
+    grown_in_round1 = [path for path in round1 if path[0] in ('fc7_plus', 'classifier_norm')]
+    assert len(grown_in_round1) == 4  # fc7_plus kernel/bias, classifier_norm scale_0/scale_1
+    for regime in ('all', 'fc7_new'):
+        config = tiny_config('wwa')
+        config.init.pretrained = str(tmp_path / 'round1')
+        config.init.reinit = ()
+        config.train.regime = regime
+        train.train_and_evaluate(config, str(tmp_path / f'round2_{regime}'))
+        round2 = flatten(load_export(str(tmp_path / f'round2_{regime}'))[0]['params'])
+        for path in grown_in_round1:
+            assert not np.array_equal(round2[path], round1[path]), f'{regime}: {"/".join(path)} did not train'
+        frozen_below = [path for path in round1 if path[0] in ('conv1', 'conv2', 'fc6')]
+        for path in frozen_below:  # fc7_new: what lies below fc7 stays as round 1 left it
+            assert np.array_equal(round2[path], round1[path]) == (regime == 'fc7_new'), (regime, path)
+
+
 def test_builtin_pretrained_model_is_cached(tiny_config, monkeypatch):
     config = tiny_config()
     train.load_pretrained(config)  # pretrains once (or finds the cache)
@@ -129,6 +170,7 @@ def test_bad_overrides_are_refused_by_name(override, expected, tmp_path):
     ('--config.growth.units=0', 'config.growth.units'),
     ('--config.train.batch_size=12', 'config.train.batch_size=12 is not divisible'),
     ('--config.train.regime=fc9_new', 'config.train.regime'),
+    ('--config.init.pretrained=/no/such/file.pth', 'config.init.pretrained: /no/such/file.pth does not exist'),
 ])
 def test_invalid_values_give_one_line_errors(tiny_flags, override, expected, tmp_path):
     env_args = tiny_flags
@@ -140,3 +182,10 @@ def test_invalid_values_give_one_line_errors(tiny_flags, override, expected, tmp
     error_lines = [line for line in result.stderr.splitlines() if line.startswith('error:')]
     assert len(error_lines) == 1 and expected in error_lines[0], result.stderr[-2000:]
     assert 'Traceback' not in result.stderr
+
+
+def test_one_line_errors_keep_their_quotes():
+    code = ("import main; print(main.one_line(ValueError(\"pass 'builtin'\"))); "
+            "print(main.one_line(KeyError('no such key')))")
+    result = subprocess.run([sys.executable, '-c', code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.stdout.splitlines() == ["pass 'builtin'", 'no such key'], result.stderr[-2000:]

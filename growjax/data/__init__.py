@@ -2,7 +2,7 @@
 
 Built-in datasets (rendered Latin letters as the source task, Greek letters in held-out fonts and
 scikit-learn digits as targets) are generated locally and need neither downloads nor TensorFlow;
-see `growjax.data.builtin` and DESIGN.md ("Built-in offline data"). Any prepared TFDS dataset is
+see `growjax.data.builtin` and docs/design.md ("Built-in offline data"). Any prepared TFDS dataset is
 read by name (array_record by random access with grain; tfrecord with tf.data, growjax.data.tfdata),
 and 'image_folder:ROOT' reads a user's own ROOT/<split>/<class>/<image> (growjax.data.folder).
 """
@@ -16,12 +16,13 @@ from growjax.data.pipeline import device_prefetch
 from growjax.data.pipeline import DevicePrefetchIterator
 from growjax.data.pipeline import make_eval_iterator
 from growjax.data.pipeline import make_train_iterator
+from growjax.data.pipeline import split_arrays
 from growjax.data.sources import BUILTIN
-from growjax.data.sources import DataError
 from growjax.data.sources import dataset_info
 from growjax.data.sources import DatasetMeta
 from growjax.data.sources import few_shot_indices
 from growjax.data.sources import load_source
 from growjax.data.sources import prepare_builtin
 from growjax.data.sources import read_labels
-from growjax.data.sources import StreamingSplit
+from growjax.data.tfdata import StreamingSplit
+from growjax.errors import DataError

@@ -1,7 +1,7 @@
 """Built-in offline datasets: rendered Latin (source) and Greek (target) letters, sklearn digits.
 
 Why rendered letters: growing a pretrained net only pays off when pretraining helps, i.e. a large,
-varied source task and a small target task of *other* classes (DESIGN.md, "Built-in offline data").
+varied source task and a small target task of *other* classes (docs/design.md, "Built-in offline data").
 The source renders the 52 Latin letters in matplotlib's shipped fonts; the target renders Greek
 lowercase letters only in fonts held out of the source, so neither classes nor typefaces overlap.
 
@@ -180,12 +180,13 @@ def _warp(glyphs: np.ndarray, inverse: np.ndarray, offset: np.ndarray, canvas: i
 
 
 def render_glyphs(chars, fonts, per_class: int, image_size: int, seed: int, *,
-                  chunk: int = 256):
+                  chunk: int = 256, on_chunk=None):
     """`per_class` randomly augmented images of each char: (uint8 [N, S, S, 1], int64 [N]).
 
     Class-major order; every image has a random font from `fonts`, stroke width, warp (scale,
     rotation, shear, shift), ink/background level and noise. All randomness is drawn up front, so
     the output depends on `seed` only (given the installed matplotlib/FreeType), not on `chunk`.
+    `on_chunk(n)` is called after every `n` images rendered (a progress bar's update).
     """
     rng = np.random.default_rng(seed)
     cache = _GlyphCache(image_size)
@@ -211,7 +212,12 @@ def render_glyphs(chars, fonts, per_class: int, image_size: int, seed: int, *,
         x = hi.reshape(-1, image_size, k, image_size, k).mean(axis=(2, 4))
         x = background[batch] + x * (ink[batch] - background[batch]) + noise[batch]
         images[batch, ..., 0] = np.round(np.clip(x, 0.0, 1.0) * 255.0)
+        if on_chunk is not None:
+            on_chunk(len(glyphs))
     return images, labels
+
+
+DIGITS_COUNT = 1797  # sklearn's load_digits
 
 
 def digits_splits(image_size: int, seed: int, per_class: dict[str, int | None]):
@@ -288,7 +294,20 @@ class _Builtin(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
     def _split_generators(self, dl_manager):
         del dl_manager  # nothing to download
-        return {split: self._generate_examples(*arrays) for split, arrays in self._arrays().items()}
+        from tqdm import tqdm
+        with tqdm(total=self._images_to_render(), unit='img', leave=False,
+                  desc=f'Rendering {self.name}/{self.builder_config.name}') as progress:
+            arrays = self._arrays(progress.update)
+        return {split: self._generate_examples(*arrays) for split, arrays in arrays.items()}
+
+    # TFDS announces "Downloading and preparing dataset Unknown size (download: Unknown size ...)"
+    # and "downloaded and prepared": nothing is downloaded here, so sources.prepare_builtin says
+    # what really happens instead.
+    def _log_download_bytes(self) -> None:
+        pass
+
+    def _log_download_done(self) -> None:
+        pass
 
     def _generate_examples(self, images, labels):
         for i, (image, label) in enumerate(zip(images, labels)):
@@ -300,7 +319,11 @@ class _Builtin(tfds.core.GeneratorBasedBuilder, skip_registration=True):
             return count
         return cap if count is None else min(count, cap)
 
-    def _arrays(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    def _images_to_render(self) -> int:
+        raise NotImplementedError
+
+    def _arrays(self, on_images) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """{split: (images, labels)}; `on_images(n)` after every n images made."""
         raise NotImplementedError
 
 
@@ -308,9 +331,12 @@ class _Glyphs(_Builtin, skip_registration=True):
     CHARS: tuple[str, ...] = ()
     FONTS: tuple[str, ...] = ()
 
-    def _arrays(self):
+    def _images_to_render(self) -> int:
+        return sum(len(self.CHARS) * self._per_class(count) for count in self.SPLITS.values())
+
+    def _arrays(self, on_images):
         return {split: render_glyphs(self.CHARS, self.FONTS, self._per_class(count),
-                                     self.builder_config.image_size, seed=self.SEED + i)
+                                     self.builder_config.image_size, seed=self.SEED + i, on_chunk=on_images)
                 for i, (split, count) in enumerate(self.SPLITS.items())}
 
 
@@ -348,9 +374,14 @@ class GrowjaxDigits(_Builtin):
     SPLITS = {'test': 50, 'validation': 20, 'train': None}
     SEED = 3000
 
-    def _arrays(self):
-        return digits_splits(self.builder_config.image_size, self.SEED,
-                             {split: self._per_class(n) for split, n in self.SPLITS.items()})
+    def _images_to_render(self) -> int:
+        return DIGITS_COUNT
+
+    def _arrays(self, on_images):
+        splits = digits_splits(self.builder_config.image_size, self.SEED,
+                               {split: self._per_class(n) for split, n in self.SPLITS.items()})
+        on_images(DIGITS_COUNT)  # all of them are read and resized, whatever the cap keeps
+        return splits
 
 
 BUILDERS = {'growjax_latin': GrowjaxLatin, 'growjax_greek': GrowjaxGreek,

@@ -20,7 +20,9 @@ import numpy as np
 from PIL import Image
 
 from growjax.data import tfdata
-from growjax.data.sources import DataError, StreamingSplit, read_examples
+from growjax.data.sources import load_source, read_examples
+from growjax.data.tfdata import StreamingSplit
+from growjax.errors import DataError
 
 
 def _local_batch_size(global_batch_size: int, process_index: int, process_count: int) -> int:
@@ -156,6 +158,19 @@ def make_eval_iterator(source, *, global_batch_size: int, image_size: int, mean=
 
     ds = grain.MapDataset.range(math.ceil(len(ids) / global_batch_size)).map(load)
     return iter(ds.to_iter_dataset(_read_options(num_threads, prefetch)))
+
+
+def split_arrays(name: str, split: str, data_dir: str, image_size: int, *, mean=0.0, std=1.0,
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """All examples of a split as the eval pipeline serves them (resized, normalised), in memory:
+    (float32 [N, S, S, C], int32 [N]), for analyses and the in-memory experiment runner."""
+    source = load_source(name, split, data_dir, image_size)
+    images, labels = [], []
+    for batch in make_eval_iterator(source, global_batch_size=256, image_size=image_size, mean=mean, std=std):
+        real = batch['mask'] > 0
+        images.append(batch['image'][real])
+        labels.append(batch['label'][real])
+    return np.concatenate(images), np.concatenate(labels)
 
 
 class DevicePrefetchIterator:

@@ -9,6 +9,7 @@ single index. TFDS datasets prepared as tfrecord give a `StreamingSplit`, read w
 from __future__ import annotations
 
 import dataclasses
+import logging
 import re
 from collections.abc import Mapping
 
@@ -16,8 +17,10 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from growjax.data import builtin, folder
+from growjax.data.tfdata import StreamingSplit
 from growjax.errors import DataError
 
+log = logging.getLogger('growjax')
 BUILTIN = tuple(builtin.BUILDERS)
 DEFAULT_IMAGE_SIZE = 16
 _CONFIG_RE = re.compile(r'(\d+)px(?:_max(\d+))?')
@@ -31,22 +34,6 @@ class DatasetMeta:
     image_shape: tuple[int, int, int]  # (H, W, C) as stored
     split_sizes: Mapping[str, int]
     class_names: tuple[str, ...]
-
-
-class StreamingSplit:
-    """A split of a TFDS dataset prepared without random access (tfrecord), read in file order."""
-
-    def __init__(self, builder: tfds.core.DatasetBuilder, split: str):
-        self.builder = builder
-        self.split = split
-        self.num_examples = builder.info.splits[split].num_examples
-
-    def __len__(self) -> int:
-        return self.num_examples
-
-    @property
-    def name(self) -> str:
-        return _full_name(self.builder)
 
 
 def _full_name(builder: tfds.core.DatasetBuilder) -> str:
@@ -91,15 +78,30 @@ def prepare_builtin(name: str, data_dir: str, image_size: int | None = None, *,
     if name.partition('/')[0] not in BUILTIN:
         raise DataError(f'{name!r} is not a built-in dataset; built-in: {", ".join(BUILTIN)}.')
     builder = _builtin_builder(name, data_dir, image_size, max_per_class)
-    builder.download_and_prepare(file_format='array_record')  # no-op when already prepared
-    return f'{builder.name}/{builder.builder_config.name}'
+    _build(builder)
+    return _full_name(builder)
+
+
+def _build(builder: tfds.core.DatasetBuilder) -> None:
+    """Renders a built-in dataset into its data_dir once (later calls find it prepared), under one
+    progress bar of our own (TFDS's per-split bars and its download messages do not apply)."""
+    if builder.is_prepared():
+        return
+    log.info('Rendering the built-in dataset %s into %s (once: later runs reuse it; nothing is downloaded).',
+             _full_name(builder), builder.data_dir)
+    shown = getattr(tfds.core.utils.tqdm_utils, '_active', True)
+    tfds.display_progress_bar(False)
+    try:
+        builder.download_and_prepare(file_format='array_record')
+    finally:
+        tfds.display_progress_bar(shown)
 
 
 def _prepared_builder(name: str, data_dir: str, image_size: int | None):
     """A prepared builder; built-ins are built on demand, anything else must be there already."""
     if name.partition('/')[0] in BUILTIN:
         builder = _builtin_builder(name, data_dir, image_size)
-        builder.download_and_prepare(file_format='array_record')
+        _build(builder)
         return builder
     hint = (f'Dataset {name!r} is not prepared in data_dir {data_dir!r}. Prepare it once, preferably in the '
             f'array_record format (read by random access, without TensorFlow): '
@@ -167,10 +169,7 @@ def read_examples(source, ids) -> list:
 
 def read_labels(source) -> np.ndarray:
     """All labels of a source (int64) in its order, e.g. to draw few-shot subsets."""
-    if isinstance(source, StreamingSplit):
-        from growjax.data import tfdata  # imports TensorFlow
-        return tfdata.read_labels(source)
-    if isinstance(source, folder.ImageFolderSource):
+    if isinstance(source, (StreamingSplit, folder.ImageFolderSource)):
         return source.labels()
     return np.asarray([ex['label'] for ex in read_examples(source, range(len(source)))], np.int64)
 

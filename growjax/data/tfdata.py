@@ -16,9 +16,28 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import tensorflow_datasets as tfds
 
-from growjax.data.sources import DataError, StreamingSplit
+from growjax.errors import DataError
 
 SHUFFLE_BUFFER = 10_000  # encoded examples per process
+
+
+class StreamingSplit:
+    """A split of a TFDS dataset prepared without random access (tfrecord), read in file order."""
+
+    def __init__(self, builder: tfds.core.DatasetBuilder, split: str):
+        self.builder = builder
+        self.split = split
+        self.num_examples = builder.info.splits[split].num_examples
+
+    def __len__(self) -> int:
+        return self.num_examples
+
+    def labels(self) -> np.ndarray:
+        """All labels of the split (int64) in reading order, without decoding images."""
+        _tensorflow()
+        labels = _read(self, self.split).map(lambda ex: ex['label']).batch(4096)
+        return np.concatenate([np.asarray(b, np.int64) for b in labels.as_numpy_iterator()]
+                              or [np.zeros(0, np.int64)])
 
 
 def _tensorflow():
@@ -49,13 +68,6 @@ def _decode(source: StreamingSplit, image):
     if _image_is_encoded(source):
         return source.builder.info.features['image'].decode_example(image)
     return image
-
-
-def read_labels(source: StreamingSplit) -> np.ndarray:
-    """All labels of the split (int64) in reading order, without decoding images."""
-    _tensorflow()
-    labels = _read(source, source.split).map(lambda ex: ex['label']).batch(4096)
-    return np.concatenate([np.asarray(b, np.int64) for b in labels.as_numpy_iterator()] or [np.zeros(0, np.int64)])
 
 
 def _process_share(source: StreamingSplit, tf, indices, process_index: int, process_count: int):

@@ -24,27 +24,14 @@ from typing import Sequence
 import ml_collections
 import numpy as np
 
-from growjax import config_lib
+from growjax import config_lib, methods, train
+from growjax.experiments import report, runner
+from growjax.experiments.protocol import Settings, Variant, chosen_runs, run_protocol
 
 REGIMES = ('new', 'fc7_new', 'all')
+# The paper's methods (growjax.methods names), in its tables' order, and LoRA (run at two ranks).
 PAPER_METHODS = ('scratch', 'finetune', 'wa_ori', 'wa', 'da', 'dwa', 'wwa')
 LORA = 'lora'
-
-
-@dataclasses.dataclass(frozen=True)
-class Settings:
-    """What the experiment runs; `FULL` is the documented run, `QUICK` its smoke version."""
-    tasks: tuple[tuple[str, int], ...]  # (dataset, shots per class)
-    methods: tuple[str, ...]  # PAPER_METHODS names and 'lora' (both ranks)
-    regimes: tuple[str, ...]
-    seeds: int  # seeds 0 .. seeds-1, paired across methods
-    sweep_seeds: int  # the first ones select the learning rate
-    learning_rates: tuple[float, ...]  # base rates; new leaves train at config.train.new_lr_multiplier x
-    steps: int
-    batch_size: int
-    eval_every: int
-    units: int  # S: WA/DWA add S units to fc7, DA's fc_a has S, WWA adds S/2 to fc6 and S to fc7
-    lora_small_rank: int  # besides the rank that matches WA's added parameters
 
 
 FULL = Settings(
@@ -57,102 +44,39 @@ QUICK = dataclasses.replace(FULL, tasks=(('growjax_greek', 1),), regimes=('new',
                             learning_rates=(0.003, 0.01), steps=30, eval_every=10)
 
 
-@dataclasses.dataclass(frozen=True)
-class Method:
-    name: str  # results key
-    label: str  # in tables and figures
-    overrides: tuple[tuple[str, object], ...]  # growjax config keys that define it
-
-    def config(self, base: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-        config = base.copy_and_resolve_references()
-        for key, value in self.overrides:
-            section, field = key.split('.')
-            config[section][field] = value
-        config_lib.validate(config)
-        return config
-
-    @property
-    def pretrained(self) -> bool:
-        return dict(self.overrides).get('growth.method') != 'scratch'
+def paper_variants(units: int) -> dict[str, Variant]:
+    return {name: Variant(name, name, (('growth.units', units),) if methods.METHODS[name].grows else ())
+            for name in PAPER_METHODS}
 
 
-def paper_methods(units: int) -> dict[str, Method]:
-    wa = (('growth.method', 'wa'), ('growth.units', units))
-    return {m.name: m for m in (
-        Method('scratch', 'scratch', (('growth.method', 'scratch'), ('init.pretrained', ''))),
-        Method('finetune', 'fine-tune', (('growth.method', 'finetune'),)),
-        Method('wa_ori', 'WA-ori (no norm)', (*wa, ('growth.norm_scale', False))),
-        Method('wa', 'WA-grow', (*wa, ('growth.norm_scale', True))),
-        Method('da', 'DA', (('growth.method', 'da'), ('growth.units', units))),
-        Method('dwa', 'DWA', (('growth.method', 'dwa'), ('growth.units', units))),
-        Method('wwa', 'WWA', (('growth.method', 'wwa'), ('growth.units', units))),
-    )}
+def lora_variant(rank: int) -> Variant:
+    return Variant(f'lora_r{rank}', LORA, (('growth.lora_rank', rank),), label_suffix=f' r={rank}')
 
 
-def lora_method(rank: int) -> Method:
-    return Method(f'lora_r{rank}', f'LoRA r={rank}', (('growth.method', LORA), ('growth.lora_rank', rank)))
-
-
-def parameter_counts(base, methods: Sequence[Method], num_classes: int) -> dict[str, int]:
-    from growjax import train
-    from growjax.experiments import runner
+def parameter_counts(base, variants: Sequence[Variant], num_classes: int) -> dict[str, int]:
     shape = (base.data.image_size, base.data.image_size, 1)
-    return {m.name: runner.parameter_count(train.build_model(m.config(base), num_classes), shape) for m in methods}
+    return {v.name: runner.parameter_count(train.build_model(v.config(base), num_classes), shape) for v in variants}
 
 
 def matched_lora_rank(base, units: int, num_classes: int) -> int:
     """The LoRA rank whose adapters add about as many parameters as WA's new units do."""
-    wa = paper_methods(units)['wa']
-    counts = parameter_counts(base, [paper_methods(units)['finetune'], wa, lora_method(1)], num_classes)
+    paper = paper_variants(units)
+    counts = parameter_counts(base, [paper['finetune'], paper['wa'], lora_variant(1)], num_classes)
     return max(1, round((counts['wa'] - counts['finetune']) / (counts['lora_r1'] - counts['finetune'])))
 
 
-def all_methods(settings: Settings, base, num_classes: int) -> list[Method]:
-    paper = paper_methods(settings.units)
-    methods = [paper[name] for name in PAPER_METHODS if name in settings.methods]
+def all_variants(settings: Settings, base, num_classes: int) -> list[Variant]:
+    paper = paper_variants(settings.units)
+    variants = [paper[name] for name in PAPER_METHODS if name in settings.methods]
     if LORA in settings.methods:
         matched = matched_lora_rank(base, settings.units, num_classes)
-        methods += [lora_method(rank) for rank in sorted({matched, settings.lora_small_rank}, reverse=True)]
-    return methods
+        variants += [lora_variant(rank) for rank in sorted({matched, settings.lora_small_rank}, reverse=True)]
+    return variants
 
 
-def regimes_of(method: Method, settings: Settings) -> tuple[str, ...]:
+def regimes_of(method: Variant, settings: Settings) -> tuple[str, ...]:
     """Scratch has no pretrained layers, so every regime trains all of it: run it once, as 'all'."""
     return settings.regimes if method.pretrained else ('all',)
-
-
-# ---------------------------------------------------------------------------------------------
-# The protocol: sweep, select on validation, report test
-
-
-def select_learning_rate(runs: Sequence[dict], sweep_seeds: Sequence[int]) -> float:
-    """The rate with the best mean final validation accuracy over the sweep seeds (ties: the lower)."""
-    scores = {}
-    for run in runs:
-        if run['seed'] in sweep_seeds:
-            scores.setdefault(run['learning_rate'], []).append(run['validation'][-1]['accuracy'])
-    return min(scores, key=lambda lr: (-float(np.mean(scores[lr])), lr))
-
-
-def run_protocol(trainer, shots: int, settings: Settings) -> dict:
-    """Runs one (method, regime, task): the sweep, the selection, the remaining seeds at the chosen rate.
-
-    A vectorised trainer runs the full seeds x rates grid in one go (cheaper than two compiles);
-    the selection still reads only the sweep seeds, so every method is chosen the same way.
-    """
-    seeds = list(range(settings.seeds))
-    sweep = seeds[:settings.sweep_seeds]
-    first = seeds if trainer.vectorised else sweep
-    runs = [r.to_json() for r in trainer.run(shots, first, settings.learning_rates)]
-    chosen = select_learning_rate(runs, sweep)
-    rest = [seed for seed in seeds if seed not in first]
-    if rest:
-        runs += [r.to_json() for r in trainer.run(shots, rest, [chosen])]
-    return {'chosen_lr': chosen, 'runs': runs}
-
-
-def chosen_runs(group: dict) -> list[dict]:
-    return sorted((r for r in group['runs'] if r['learning_rate'] == group['chosen_lr']), key=lambda r: r['seed'])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -163,12 +87,12 @@ def group_path(workdir: str, dataset: str, shots: int, method: str, regime: str)
     return os.path.join(workdir, 'runs', dataset.replace('/', '_'), f'{shots}shot', f'{method}__{regime}.json')
 
 
-def fingerprint(settings: Settings, base, method: Method, regime: str, pretrained_dir: str | None) -> dict:
+def fingerprint(settings: Settings, base, method: Variant, regime: str, pretrained_dir: str | None) -> dict:
     """Everything a group's result depends on; a stored group is reused only if it matches."""
     train = base.train
     return json.loads(json.dumps({  # as stored: tuples become lists
         'settings': {k: v for k, v in dataclasses.asdict(settings).items() if k not in ('tasks', 'methods', 'regimes')},
-        'method': [list(item) for item in method.overrides], 'regime': regime, 'pretrained': pretrained_dir,
+        'method': [['growth.method', method.method], *(list(item) for item in method.overrides)], 'regime': regime, 'pretrained': pretrained_dir,
         'model': base.model.to_dict(), 'reinit': list(base.init.reinit),
         'data': {k: base.data[k] for k in ('image_size', 'crop_padding', 'mean', 'std')},
         'optimiser': {k: train[k] for k in ('momentum', 'weight_decay', 'new_lr_multiplier', 'lr_decay_at')},
@@ -219,15 +143,12 @@ class Progress:
 
 def run_experiment(base: ml_collections.ConfigDict, settings: Settings, workdir: str) -> dict:
     """Runs (or reuses) every group; returns {'results': {(dataset, shots, method, regime): group}, ...}."""
-    from growjax import train
-    from growjax.experiments import runner
-
     datasets = list(dict.fromkeys(dataset for dataset, _ in settings.tasks))
     tasks = {dataset: runner.load_task(base, dataset) for dataset in datasets}
-    methods = all_methods(settings, base, tasks[datasets[0]].num_classes)
+    variants = all_variants(settings, base, tasks[datasets[0]].num_classes)
     pretrained_dir = train.builtin_pretrained_dir(base) if base.init.pretrained == 'builtin' else base.init.pretrained
     pretrained, pretrain_seconds = None, 0.0
-    plan = [(dataset, method, regime) for dataset in datasets for method in methods
+    plan = [(dataset, method, regime) for dataset in datasets for method in variants
             for regime in regimes_of(method, settings)]
     progress = Progress(total=sum(len([s for d, s in settings.tasks if d == dataset]) for dataset, _, _ in plan))
     results = {}
@@ -262,8 +183,8 @@ def run_experiment(base: ml_collections.ConfigDict, settings: Settings, workdir:
                 save_group(paths[shots], group)
             results[(dataset, shots, method.name, regime)] = group
             progress.report(what, group, seconds)
-    counts = parameter_counts(base, methods, tasks[datasets[0]].num_classes)
-    return {'results': results, 'methods': methods, 'parameter_counts': counts, 'computed': progress.computed,
+    counts = parameter_counts(base, variants, tasks[datasets[0]].num_classes)
+    return {'results': results, 'methods': variants, 'parameter_counts': counts, 'computed': progress.computed,
             'pretrain_seconds': pretrain_seconds}
 
 
@@ -281,7 +202,6 @@ def parse_tasks(spec: str) -> tuple[tuple[str, int], ...]:
 def main(argv: Sequence[str]) -> int:
     from absl import flags
     from absl import logging as absl_logging
-    from growjax.experiments import report
     absl_logging.set_verbosity(absl_logging.WARNING)  # orbax and tfds log every file at INFO
     flags_ = flags.FLAGS
     settings = QUICK if flags_.quick else FULL

@@ -15,11 +15,10 @@ from typing import Callable, Sequence
 import numpy as np
 
 from growjax.analysis import group_label
-from growjax.experiments.paper import Settings, chosen_runs
+from growjax.experiments.protocol import Settings, chosen_runs
 
-# AlexNet on SUN-397, regime 'all' (the paper's Tables 1 and 3), as quoted in the issue / DESIGN.md.
+# AlexNet on SUN-397, regime 'all' (the paper's Tables 1 and 3), as docs/design.md quotes them.
 PAPER_SUN397_ALL = {'finetune': 55.93, 'da': 58.54, 'wa': 58.95, 'wwa': 59.05, 'wa_ori': 51.34}
-GROWTH = ('wa_ori', 'wa', 'da', 'dwa', 'wwa')
 FIGURE_DIR = 'figures'
 
 
@@ -363,7 +362,7 @@ def figure_learning_curves(results: Results, path: str) -> str:
             group = results.group(task, method.name, 'all')
             if group:
                 steps, curve = mean_curve(group, 'accuracy')
-                ax.plot(steps, curve, 'o-' if method.name in GROWTH else 'x--', label=method.label, markersize=3)
+                ax.plot(steps, curve, 'o-' if method.grows else 'x--', label=method.label, markersize=3)
         ax.set(title=task_name(*task), xlabel='step', ylabel='val. accuracy', ylim=(0, 1))
         ax.grid(alpha=0.3)
     for ax in axes.flat[len(results.tasks):]:
@@ -402,7 +401,7 @@ def figure_scales(results: Results, path: str, scale_init: float) -> str | None:
 
 def figure_parameter_change(results: Results, path: str) -> str:
     plt = _pyplot()
-    methods = [m for m in results.methods if m.name in ('finetune', *GROWTH)]
+    methods = [m for m in results.methods if m.name == 'finetune' or m.grows]
     layers = ('conv1', 'conv2', 'fc6', 'fc7')
     task = results.tasks[0]
     regimes = [r for r in ('fc7_new', 'all') if r in results.settings.regimes] or list(results.settings.regimes)

@@ -11,7 +11,7 @@ compiled step: vmapping them turns each conv into a grouped conv, which XLA:CPU 
 per run than a plain loop. Steps are a Python loop, not `lax.scan`: XLA:CPU ran this step 8x
 slower inside a while loop than jitted alone (jax 0.10.2).
 
-Everything else is growjax itself: grow_params, param_labels / trainable_mask / split,
+Everything else is growjax itself: grow_params, groups.param_groups (labels, regime mask),
 steps.make_optimizer (SGD, momentum, weight decay, new leaves at a higher rate), steps.make_train_step
 and growjax.analysis for the evaluation.
 """
@@ -47,10 +47,9 @@ class Task:
 
 def load_task(config, dataset: str) -> Task:
     """Every split of `dataset`, as the eval pipeline serves them (resized, normalised)."""
-    config = config.copy_and_resolve_references()
-    config.data.name = dataset
-    meta = data.dataset_info(dataset, config.data.data_dir, config.data.image_size)
-    splits = {split: Split(*(np.asarray(a) for a in analysis.load_split(config, split)))
+    d = config.data
+    meta = data.dataset_info(dataset, d.data_dir, d.image_size)
+    splits = {split: Split(*data.split_arrays(dataset, split, d.data_dir, d.image_size, mean=d.mean, std=d.std))
               for split in ('train', 'validation', 'test')}
     return Task(dataset, meta.num_classes, **splits)
 
@@ -110,18 +109,16 @@ class Trainer:
         self._pretrained = pretrained
         image_shape = task.train.images.shape[1:]
         sample = jnp.zeros((1, *image_shape), jnp.float32)
-        shapes = jax.eval_shape(model.init, jax.random.key(0), sample)
-        labels = groups.param_labels(shapes['params'], {} if pretrained is None else pretrained['params'],
-                                     reinit=tuple(reinit))
-        layer_order = groups.forward_order(model.clone(growth=None), jax.random.key(0), sample)
-        mask = groups.trainable_mask(labels, regime, layer_order)
-        trainable_labels, _ = groups.split(labels, mask)
+        param_groups = groups.param_groups(model, None if pretrained is None else pretrained['params'], regime,
+                                           sample, reinit=tuple(reinit))
+        mask = param_groups.mask
         # Runs share the frozen layers' forward pass (vmapped) only where the lowest layer is frozen.
-        self.vectorised = not any(jax.tree_util.tree_leaves(mask[layer_order[0]]))
+        self.vectorised = not param_groups.trains(param_groups.layer_order[0])
         schedule = steps.step_schedule(1.0, num_steps, tuple(lr_decay_at))
 
         def optimizer(learning_rate):
-            return steps.make_optimizer(trainable_labels, learning_rate=lambda count: learning_rate * schedule(count),
+            return steps.make_optimizer(param_groups.trainable_labels,
+                                        learning_rate=lambda count: learning_rate * schedule(count),
                                         momentum=momentum, weight_decay=weight_decay,
                                         new_lr_multiplier=new_lr_multiplier)
 

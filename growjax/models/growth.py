@@ -40,7 +40,8 @@ class Growth:
             with new leaves `<layer>/lora_a` (in, rank) and `<layer>/lora_b` (rank, out, zeros), so
             the pretrained function is kept at init; the parameter-efficient alternative to growth.
 
-    The paper's variants are the presets `wa`, `da`, `dwa`, `wwa`; `lora_preset` adapts fc6 and fc7.
+    The paper's variants are the presets `wa`, `da`, `dwa`, `wwa`; `lora_preset` adapts fc6 and fc7;
+    growjax.methods names them (config.growth.method).
     """
     widen: tuple[tuple[str, int], ...] = ()
     deepen: tuple[tuple[str, int], ...] = ()
@@ -93,17 +94,6 @@ class Growth:
     def lora_preset(cls, rank: int, **kwargs) -> 'Growth':
         """LoRA: rank-`rank` adapters on fc6 and fc7, no new units."""
         return cls(lora={'fc6': rank, 'fc7': rank}, **kwargs)
-
-    @classmethod
-    def from_method(cls, method: str, units: int, **kwargs) -> 'Growth | None':
-        """The paper's method names: 'finetune' (no growth: None), 'wa', 'da', 'dwa', 'wwa'."""
-        if method == 'finetune':
-            return None
-        presets = {'wa': cls.wa, 'da': cls.da, 'dwa': cls.dwa, 'wwa': cls.wwa}
-        if method not in presets:
-            raise GrowthError(f'Unknown growth method {method!r}; expected one of '
-                             f"{['finetune', *presets]}.")
-        return presets[method](units, **kwargs)
 
 
 def check_layer_names(growth: Growth, widenable: tuple[str, ...], deepenable: tuple[str, ...], model: str,

@@ -1,7 +1,7 @@
 """ResNet-18 and ResNet-50 in torchvision's layout (v1.5: bottlenecks stride on the 3x3 conv),
 growable per stage.
 
-Growth keeps every pretrained leaf at its path and shape (DESIGN.md, principle 1):
+Growth keeps every pretrained leaf at its path and shape (docs/design.md, principle 1):
 
 - widen {'stageK': k}: every block of stage K gains k channels of inner width ("WA inside a
   block"). A new conv beside the one that sets the inner width (`conv1_plus` in a BasicBlock,
@@ -29,6 +29,9 @@ from growjax.models.growth import Growth, GrowthError, check_layer_names
 from growjax.nn import MultiInputConv, NormScale, he_normal_flat, lecun_normal_flat
 
 STAGES = ('stage1', 'stage2', 'stage3', 'stage4')
+# Where the paper's fc-head methods grow a ResNet: fc6 -> stage3, fc7 -> stage4 (units = channels added
+# to its blocks' inner width), and DA's fc_a -> one residual block at the end of stage4.
+PAPER_LAYERS = {'fc6': 'stage3', 'fc7': 'stage4'}
 BASE_WIDTH = 64
 
 

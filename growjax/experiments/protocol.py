@@ -1,0 +1,96 @@
+"""The experiments' shared vocabulary: settings, method variants and the selection protocol.
+
+Both the experiments (growjax.experiments.paper) and their reports (growjax.experiments.report)
+read these; neither imports the other's internals.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import ml_collections
+import numpy as np
+
+from growjax import config_lib, methods
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """What the experiment runs; `FULL` is the documented run, `QUICK` its smoke version."""
+    tasks: tuple[tuple[str, int], ...]  # (dataset, shots per class)
+    methods: tuple[str, ...]  # PAPER_METHODS names and 'lora' (both ranks)
+    regimes: tuple[str, ...]
+    seeds: int  # seeds 0 .. seeds-1, paired across methods
+    sweep_seeds: int  # the first ones select the learning rate
+    learning_rates: tuple[float, ...]  # base rates; new leaves train at config.train.new_lr_multiplier x
+    steps: int
+    batch_size: int
+    eval_every: int
+    units: int  # S: WA/DWA add S units to fc7, DA's fc_a has S, WWA adds S/2 to fc6 and S to fc7
+    lora_small_rank: int  # besides the rank that matches WA's added parameters
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """A growjax method (growjax.methods) run with some config overrides, e.g. LoRA at rank 4."""
+    name: str  # results key
+    method: str  # a growjax.methods name
+    overrides: tuple[tuple[str, object], ...] = ()  # growjax config keys, e.g. (('growth.units', 128),)
+    label_suffix: str = ''
+
+    @property
+    def label(self) -> str:
+        return methods.METHODS[self.method].label + self.label_suffix
+
+    @property
+    def pretrained(self) -> bool:
+        return methods.METHODS[self.method].pretrained
+
+    @property
+    def grows(self) -> bool:
+        return methods.METHODS[self.method].grows
+
+    def config(self, base: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+        config = base.copy_and_resolve_references()
+        config.growth.method = self.method
+        if not self.pretrained:
+            config.init.pretrained = ''
+        for key, value in self.overrides:
+            section, field = key.split('.')
+            config[section][field] = value
+        config_lib.validate(config)
+        return config
+
+
+# ---------------------------------------------------------------------------------------------
+# The protocol: sweep, select on validation, report test
+
+
+def select_learning_rate(runs: Sequence[dict], sweep_seeds: Sequence[int]) -> float:
+    """The rate with the best mean final validation accuracy over the sweep seeds (ties: the lower)."""
+    scores = {}
+    for run in runs:
+        if run['seed'] in sweep_seeds:
+            scores.setdefault(run['learning_rate'], []).append(run['validation'][-1]['accuracy'])
+    return min(scores, key=lambda lr: (-float(np.mean(scores[lr])), lr))
+
+
+def run_protocol(trainer, shots: int, settings: Settings) -> dict:
+    """Runs one (method, regime, task): the sweep, the selection, the remaining seeds at the chosen rate.
+
+    A vectorised trainer runs the full seeds x rates grid in one go (cheaper than two compiles);
+    the selection still reads only the sweep seeds, so every method is chosen the same way.
+    """
+    seeds = list(range(settings.seeds))
+    sweep = seeds[:settings.sweep_seeds]
+    first = seeds if trainer.vectorised else sweep
+    runs = [r.to_json() for r in trainer.run(shots, first, settings.learning_rates)]
+    chosen = select_learning_rate(runs, sweep)
+    rest = [seed for seed in seeds if seed not in first]
+    if rest:
+        runs += [r.to_json() for r in trainer.run(shots, rest, [chosen])]
+    return {'chosen_lr': chosen, 'runs': runs}
+
+
+def chosen_runs(group: dict) -> list[dict]:
+    return sorted((r for r in group['runs'] if r['learning_rate'] == group['chosen_lr']), key=lambda r: r['seed'])

@@ -1,0 +1,842 @@
+"""Grow a Flax linen model that growjax did not write, without editing its code.
+
+    grown = surgery.grow(model, [
+        surgery.Widen('block1/mlp/fc1', units=32, into='block1/mlp/fc2', activation=nn.gelu),
+        surgery.AddHeads('block0/attention', heads=2),
+        surgery.InsertAfter('block1', block=make_block),
+    ])
+    variables = growjax.grow_params(pretrained, grown, rng, x)
+
+Each operation names the modules it changes by a regex that fully matches their '/'-joined paths
+(as big_vision's `dont_load` and qwix's `module_path`). The grown module runs the user's model
+inside `flax.linen.intercept_methods`, in the model's own scope (`nn.share_scope`: no extra level
+in the parameter paths). When a matched module is called, its operation adds its part (new units,
+heads, a block, adapters) and creates the parameters in that module's own scope, or, for a new
+layer or block, next to it in its parent's. New parameters therefore sit at new paths beside what
+they grow, never at a path the pretrained tree has (docs/design.md, principle 1): `grow_params`
+stays strict, and labels, regimes, per-group learning rates and `grow_opt_state` need nothing new.
+
+What each operation adds (P: a matched module; names are of the new parameters):
+
+- `Widen(P, units, into=C)`: S new units beside P (`P/plus`), computed from P's input, through
+  the `activation` (and any `through` modules, e.g. a BatchNorm, each with its own copy
+  `<module>/plus`), read by the consumer(s) C through `C/from_<P>_plus`. Where old and new units
+  meet C, the paper's NormScale (`C/norm/scale_<i>`: per-group L2 normalisation and a learned
+  per-unit scale), or, preserving the function, no NormScale and a zero fan-in.
+- `AddHeads(A, heads)`: k new heads beside the attention A, with their own query/key/value
+  (`A/extra_heads/...`) over the same inputs and mask, read by A's output projection through
+  `A/out/from_extra_heads` (the output sums over heads, so new heads are a parallel attention);
+  NormScale over [old heads, new heads] at `A/out/norm`, or a zero output when preserving.
+- `InsertAfter(M, block)`: a new block `<M>_inserted` after M, in M's parent, on a residual branch
+  whose last layer starts at zero (the network starts as before), or a copy of M (stacking).
+- `Deepen(C, units)`: the paper's DA: a new layer `<C>_fc_a` of S units between C's input and C
+  (C, typically the classifier, then reads S features and is re-initialised).
+- `LoRA(M, rank)`: low-rank adapters `M/lora_a`, `M/lora_b` (B = 0: the function is kept), the
+  parameter-efficient baseline.
+
+`grow_params(..., preserve_function=True)` (or `grown.clone(preserve_function=True)`) builds the
+function-preserving variant of every operation: zero fan-in, no NormScale, zero new-head outputs.
+`report(...)` says which leaves were copied, which are new, which re-initialised, what each regex
+matched, and checks that the preserving variant computes what the pretrained model did.
+
+Only `__call__` of the model and of its submodules is intercepted, and only linen modules are
+supported here (see growjax.nnx_surgery for Flax NNX).
+"""
+from __future__ import annotations
+
+import contextvars
+import dataclasses
+import difflib
+import math
+import re
+from typing import Any, Callable, Mapping, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from growjax.errors import UserError
+from growjax.grow import (GraftError, Path, compile_patterns, flatten, graft_plan, grow_params, matches_any,
+                          path_str, unflatten)
+from growjax.nn import NormScale, lecun_normal_flat
+
+
+class SurgeryError(UserError):
+    """An operation that cannot apply: no module matches, a module of an unsupported kind, shapes."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Operations
+
+
+def _compile(pattern: str, what: str) -> re.Pattern:
+    if not isinstance(pattern, str) or not pattern:
+        raise SurgeryError(f'{what}: expected a regex over module paths such as "block1/mlp/fc1", got {pattern!r}.')
+    try:
+        return re.compile(pattern)
+    except re.error as err:
+        raise SurgeryError(f'{what}: {pattern!r} is not a valid regex: {err}') from None
+
+
+def _positive(value, what: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise SurgeryError(f'{what} must be a positive integer, got {value!r}.')
+
+
+@dataclasses.dataclass(frozen=True)
+class Widen:
+    """WA on any model: `units` new units beside `module` (Dense, DenseGeneral over the last axis, or
+    Conv), fed by its input, through `activation`, read by every module matching `into`.
+
+    `through`: regexes of modules that lie between `module` and its consumers and act per unit
+    (e.g. a ResNet's BatchNorm): the new units pass through a copy of each, as the old ones pass
+    through the original. Whatever else the model does between the two (dropout, a residual sum) is
+    not applied to the new units. norm_scale: the paper's NormScale where old and new units meet
+    the consumer ("grow"; False is its "ori"); scale_init is gamma's initial value.
+    """
+    module: str
+    units: int
+    into: str
+    activation: Callable[[jax.Array], jax.Array] | None = nn.relu
+    through: tuple[str, ...] = ()
+    norm_scale: bool = True
+    scale_init: float = 10.0
+
+    def __post_init__(self):
+        _compile(self.module, 'Widen.module')
+        _compile(self.into, 'Widen.into')
+        _positive(self.units, 'Widen.units')
+        if isinstance(self.through, str):
+            object.__setattr__(self, 'through', (self.through,))
+        for pattern in self.through:
+            _compile(pattern, 'Widen.through')
+        if self.scale_init <= 0:
+            raise SurgeryError(f'Widen.scale_init must be positive, got {self.scale_init}.')
+
+
+@dataclasses.dataclass(frozen=True)
+class AddHeads:
+    """`heads` new attention heads beside the attention `module`.
+
+    The module is a `nn.MultiHeadDotProductAttention`, or a user's attention whose query, key,
+    value and output projections are children named by `query`, `key`, `value`, `out`
+    (DenseGeneral with (heads, head_dim) features, or Dense with `head_dim` given). The new heads
+    see the same inputs and the same mask (the module's `mask` argument; a user's module without
+    one: `causal=True` for a decoder). norm_scale: NormScale over [old heads, new heads] where the
+    output projection reads them; preserving the function, their output projection starts at zero.
+    """
+    module: str
+    heads: int
+    norm_scale: bool = True
+    scale_init: float = 10.0
+    head_dim: int | None = None
+    causal: bool = False
+    query: str = 'query'
+    key: str = 'key'
+    value: str = 'value'
+    out: str = 'out'
+
+    def __post_init__(self):
+        _compile(self.module, 'AddHeads.module')
+        _positive(self.heads, 'AddHeads.heads')
+        if self.head_dim is not None:
+            _positive(self.head_dim, 'AddHeads.head_dim')
+        if self.scale_init <= 0:
+            raise SurgeryError(f'AddHeads.scale_init must be positive, got {self.scale_init}.')
+
+
+COPY = 'copy'
+
+
+@dataclasses.dataclass(frozen=True)
+class InsertAfter:
+    """A new block after `module`, in the module's parent (which must be a compact module).
+
+    block: a function returning a linen module (it is called with the module's output and the
+    same other arguments the module got), or 'copy': a copy of the module, initialised from its
+    pretrained weights (stacking; grow_params copies them). residual: the block is a residual
+    branch, out = y + block(y), and its last layer with a kernel starts at zero, so the network
+    starts as before; residual=False replaces y by block(y) (for blocks that hold their own
+    residual connections, e.g. a pre-LN transformer block; pass `zero` to start them as the
+    identity). zero: a regex over module paths inside the block whose parameters start at zero
+    (default with residual: the last layer).
+    """
+    module: str
+    block: Callable[[], nn.Module] | str = COPY
+    residual: bool = True
+    zero: str | None = None
+
+    def __post_init__(self):
+        _compile(self.module, 'InsertAfter.module')
+        if self.block != COPY and not callable(self.block):
+            raise SurgeryError(f"InsertAfter.block must be a function returning a linen module, or 'copy'; got "
+                               f'{self.block!r}.')
+        if self.zero is not None:
+            _compile(self.zero, 'InsertAfter.zero')
+
+
+@dataclasses.dataclass(frozen=True)
+class Deepen:
+    """The paper's DA on any model: a new Dense layer of `units` between the input of `module`
+    (e.g. the classifier) and the module, followed by `activation`. The module then reads `units`
+    features: re-initialise it (e.g. reinit='^head/') unless units equals its input width.
+    Preserving the function, the new layer starts as the identity (units must equal the input
+    width; with a ReLU-like activation that holds where the features are non-negative)."""
+    module: str
+    units: int
+    activation: Callable[[jax.Array], jax.Array] | None = nn.relu
+
+    def __post_init__(self):
+        _compile(self.module, 'Deepen.module')
+        _positive(self.units, 'Deepen.units')
+
+
+@dataclasses.dataclass(frozen=True)
+class LoRA:
+    """Low-rank adapters (Hu et al. 2021) on Dense / DenseGeneral modules: y = x W + b + (x A) B with
+    `lora_a` (fan-in scaled random) and `lora_b` (zeros) in the module's scope, so the function
+    is kept at init. The parameter-efficient alternative to growth."""
+    module: str
+    rank: int
+
+    def __post_init__(self):
+        _compile(self.module, 'LoRA.module')
+        _positive(self.rank, 'LoRA.rank')
+
+
+Operation = Widen | AddHeads | InsertAfter | Deepen | LoRA
+_OPERATIONS = (Widen, AddHeads, InsertAfter, Deepen, LoRA)
+
+
+def describe(op: Operation) -> str:
+    """'Widen(block1/mlp/fc1, units=32, into=block1/mlp/fc2)': for reports and errors."""
+    shown = {}
+    for field in dataclasses.fields(op):
+        value = getattr(op, field.name)
+        if field.name != 'module' and value != field.default:
+            shown[field.name] = getattr(value, '__name__', type(value).__name__) if callable(value) else value
+    return f'{type(op).__name__}({op.module}' + ''.join(f', {k}={v}' for k, v in shown.items()) + ')'
+
+
+# ---------------------------------------------------------------------------------------------
+# Module kinds
+
+
+def _last_axis_dense(module: nn.Module) -> bool:
+    """A Dense, or a DenseGeneral that acts like one (int features over the last axis)."""
+    if isinstance(module, nn.Dense):
+        return True
+    if isinstance(module, nn.DenseGeneral):
+        features = module.features if isinstance(module.features, int) else tuple(module.features)
+        axis = module.axis if isinstance(module.axis, int) else tuple(module.axis)
+        return (isinstance(features, int) or len(features) == 1) and axis in (-1, (-1,)) and not module.batch_dims
+    return False
+
+
+def _out_features(module: nn.Module) -> int:
+    features = module.features
+    return features if isinstance(features, int) else int(features[0])
+
+
+def _plain_conv(module: nn.Module) -> bool:
+    return type(module) is nn.Conv and module.feature_group_count == 1
+
+
+def _dense_like(module: nn.Module, features: int, name: str, *, use_bias: bool, kernel_init=None,
+                bias_init=None) -> nn.Dense:
+    """An nn.Dense with `module`'s dtypes and initialisers, as a child `name` of `module`."""
+    return nn.Dense(features, use_bias=use_bias, dtype=module.dtype, param_dtype=module.param_dtype,
+                    precision=module.precision, kernel_init=kernel_init or module.kernel_init,
+                    bias_init=bias_init or module.bias_init, name=name, parent=module)
+
+
+def _conv_like(module: nn.Conv, features: int, name: str, *, use_bias: bool, kernel_init=None) -> nn.Conv:
+    """An nn.Conv with `module`'s geometry, dtypes and initialisers, as a child `name` of `module`."""
+    return nn.Conv(features, kernel_size=module.kernel_size, strides=module.strides, padding=module.padding,
+                   input_dilation=module.input_dilation, kernel_dilation=module.kernel_dilation,
+                   use_bias=use_bias, dtype=module.dtype, param_dtype=module.param_dtype, precision=module.precision,
+                   kernel_init=kernel_init or module.kernel_init, bias_init=module.bias_init, name=name, parent=module)
+
+
+def _kind(module: nn.Module) -> str:
+    return f'{type(module).__module__}.{type(module).__qualname__}'
+
+
+# ---------------------------------------------------------------------------------------------
+# One call of the grown model
+
+
+@dataclasses.dataclass
+class _Record:
+    """What an init call saw (read by the grown module's init and by `report`)."""
+    seen: list[str] = dataclasses.field(default_factory=list)  # module paths, in call order
+    matched: dict[tuple[int, str], set[str]] = dataclasses.field(default_factory=dict)  # (op, role) -> paths
+    zero: set[Path] = dataclasses.field(default_factory=set)  # params that start at zero (module paths)
+    copies: dict[Path, Path] = dataclasses.field(default_factory=dict)  # new module path -> copied module path
+
+    def match(self, index: int, role: str, path: str) -> None:
+        self.matched.setdefault((index, role), set()).add(path)
+
+
+_RECORD: contextvars.ContextVar[_Record | None] = contextvars.ContextVar('growjax_surgery_record', default=None)
+
+
+def _suffix(count: int) -> str:
+    """'' for the first of a kind on one module, then '2', '3', ...: names stay stable when a later
+    growth round appends operations."""
+    return '' if count == 0 else str(count + 1)
+
+
+class _Call:
+    """Applies the operations during one call of the grown model."""
+
+    def __init__(self, ops: Sequence[Operation], preserve_function: bool):
+        self.ops = list(ops)
+        self.preserve = preserve_function
+        self.record = _RECORD.get() or _Record()
+        self.pending: dict[int, tuple[str, jax.Array]] = {}  # Widen op -> (producer name, new units)
+        self.heads_inputs: dict[tuple[int, str], dict[str, Any]] = {}  # (AddHeads op, attention path) -> inputs
+        self.names = self._names()
+
+    def _names(self) -> dict[int, str]:
+        """The suffix of each operation's new parts: its rank among same-kind operations on one pattern."""
+        counts: dict[tuple[type, str], int] = {}
+        names = {}
+        for index, op in enumerate(self.ops):
+            key = (type(op), op.module)
+            names[index] = _suffix(counts.get(key, 0))
+            counts[key] = counts.get(key, 0) + 1
+        return names
+
+    # -- dispatch
+
+    def intercept(self, next_fun, args, kwargs, context):
+        module = context.module
+        if context.method_name != '__call__' or not module.path:
+            return next_fun(*args, **kwargs)
+        path = '/'.join(module.path)
+        self.record.seen.append(path)
+        parent = '/'.join(module.path[:-1])
+        call = next_fun
+        # Nested so that the first operation is the outermost: it sees the module's original input.
+        for index, op in reversed(list(enumerate(self.ops))):
+            role = self._role(op, path, parent, module)
+            if role:
+                self.record.match(index, role, path)
+                call = _bind(getattr(self, f'_{role}'), index, op, module, call)
+        return call(*args, **kwargs)
+
+    def _role(self, op: Operation, path: str, parent: str, module: nn.Module) -> str | None:
+        if isinstance(op, Widen):
+            if re.fullmatch(op.module, path):
+                return 'producer'
+            if re.fullmatch(op.into, path):
+                return 'consumer'
+            if any(re.fullmatch(p, path) for p in op.through):
+                return 'through'
+        elif isinstance(op, AddHeads):
+            if re.fullmatch(op.module, path):
+                return 'attention'
+            if parent and re.fullmatch(op.module, parent):
+                return {op.query: 'head_input', op.key: 'head_input', op.value: 'head_input',
+                        op.out: 'head_output'}.get(module.name)
+        elif re.fullmatch(op.module, path):
+            return {InsertAfter: 'insert_after', Deepen: 'deepen', LoRA: 'lora'}[type(op)]
+        return None
+
+    def finish(self) -> None:
+        """Every producer's new units must have been read by a consumer."""
+        for index, (producer, _) in self.pending.items():
+            op = self.ops[index]
+            if not any(i == index and role == 'consumer' for i, role in self.record.matched):
+                raise SurgeryError(f'{describe(op)}: into={op.into!r} matches no module that was called. '
+                                   f'{_suggest(op.into, self.record.seen)}')
+            raise SurgeryError(f'{describe(op)}: the new units of {producer} were not read by any module matching '
+                               f'into={op.into!r} after it; modules called: {_sample(self.record.seen)}.')
+
+    # -- Widen
+
+    def _producer(self, index: int, op: Widen, module: nn.Module, call, *args, **kwargs):
+        path = '/'.join(module.path)
+        x = args[0]
+        name = 'plus' + self.names[index]
+        if _last_axis_dense(module):
+            plus = _dense_like(module, op.units, name, use_bias=module.use_bias)
+        elif _plain_conv(module):
+            plus = _conv_like(module, op.units, name, use_bias=module.use_bias)
+        else:
+            raise SurgeryError(f'{describe(op)}: {path} is a {_kind(module)}; Widen grows Dense, DenseGeneral over '
+                               'the last axis, and Conv (no feature groups).')
+        if index in self.pending:
+            raise SurgeryError(f'{describe(op)}: {path} was called again before a module matching '
+                               f'into={op.into!r} read its new units.')
+        self.pending[index] = (module.name + '_' + name, plus(x))
+        return call(*args, **kwargs)
+
+    def _through(self, index: int, op: Widen, module: nn.Module, call, *args, **kwargs):
+        y = call(*args, **kwargs)
+        if index in self.pending:
+            producer, units = self.pending[index]
+            copy = module.clone(parent=module, name='plus' + self.names[index])
+            self.pending[index] = (producer, copy(units, *args[1:], **kwargs))
+        return y
+
+    def _consumer(self, index: int, op: Widen, module: nn.Module, call, *args, **kwargs):
+        if index not in self.pending:  # called before the producer (or a second time): nothing new to read
+            return call(*args, **kwargs)
+        path = '/'.join(module.path)
+        producer, units = self.pending.pop(index)
+        units = units if op.activation is None else op.activation(units)
+        old = args[0]
+        if old.shape[:-1] != units.shape[:-1]:
+            raise SurgeryError(
+                f'{describe(op)}: {path} reads shape {old.shape}, but the new units of {producer} have shape '
+                f'{units.shape}: the two must differ only in the last (feature) axis, i.e. reach the consumer '
+                'through per-unit operations only (an activation, a BatchNorm named in `through`).')
+        if self.preserve or not op.norm_scale:
+            scaled_old, scaled_new = old, units
+        else:
+            scaled_old, scaled_new = _norm_scale(module, [old, units], op.scale_init, 'norm' + self.names[index])
+        y = call(scaled_old, *args[1:], **kwargs)
+        zero = nn.initializers.zeros if self.preserve else None
+        fan_in_name = f'from_{producer}'
+        if _last_axis_dense(module):
+            fan_in = _dense_like(module, _out_features(module), fan_in_name, use_bias=False, kernel_init=zero)
+        elif _plain_conv(module):
+            fan_in = _conv_like(module, module.features, fan_in_name, use_bias=False, kernel_init=zero)
+        else:
+            raise SurgeryError(f'{describe(op)}: consumer {path} is a {_kind(module)}; Widen feeds Dense, '
+                               'DenseGeneral over the last axis, and Conv (no feature groups).')
+        return y + fan_in(scaled_new).astype(y.dtype)
+
+    # -- AddHeads
+
+    def _attention(self, index: int, op: AddHeads, module: nn.Module, call, *args, **kwargs):
+        path = '/'.join(module.path)
+        if getattr(module, 'decode', False):
+            raise SurgeryError(f'{describe(op)}: {path} decodes with a cache (decode=True); add heads to the '
+                               'model used for training, not to its decoding copy.')
+        state = {'module': module, 'mask': kwargs.get('mask'), 'kwargs': kwargs}
+        self.heads_inputs[(index, path)] = state
+        return call(*args, **kwargs)
+
+    def _head_input(self, index: int, op: AddHeads, module: nn.Module, call, *args, **kwargs):
+        state = self.heads_inputs.get((index, '/'.join(module.path[:-1])))
+        if state is not None:
+            role = {op.query: 'query', op.key: 'key', op.value: 'value'}[module.name]
+            state[role] = (module, args[0])
+        return call(*args, **kwargs)
+
+    def _head_output(self, index: int, op: AddHeads, module: nn.Module, call, *args, **kwargs):
+        attention_path = '/'.join(module.path[:-1])
+        state = self.heads_inputs.pop((index, attention_path), None)
+        if state is None or not all(role in state for role in ('query', 'key', 'value')):
+            raise SurgeryError(f'{describe(op)}: {attention_path} must call its {op.query!r}, {op.key!r} and '
+                               f'{op.value!r} projections before {op.out!r}; found {sorted(state or {})}.')
+        attention = state['module']
+        query_module, query_in = state['query']
+        old = args[0]
+        head_dim, old_heads, flat = _heads_layout(op, attention, query_module, module, old)
+        suffix = self.names[index]
+        mask = state['mask']
+        deterministic = state['kwargs'].get('deterministic')
+        if deterministic is None:
+            deterministic = getattr(attention, 'deterministic', True)
+        if deterministic is None:
+            deterministic = True
+        new = _ExtraHeads(
+            heads=op.heads, head_dim=head_dim, causal=op.causal,
+            dropout_rate=float(getattr(attention, 'dropout_rate', 0.0)),
+            normalize_qk=bool(getattr(attention, 'normalize_qk', False)),
+            use_bias=getattr(query_module, 'use_bias', True), kernel_init=query_module.kernel_init,
+            bias_init=query_module.bias_init, dtype=query_module.dtype, param_dtype=query_module.param_dtype,
+            name='extra_heads' + suffix, parent=attention,
+        )(query_in, state['key'][1], state['value'][1], mask, deterministic)  # [..., L, k, d]
+        old_flat = old.reshape(*old.shape[:-2], old_heads * head_dim) if not flat else old
+        new_flat = new.reshape(*new.shape[:-2], op.heads * head_dim)
+        if not self.preserve and op.norm_scale:
+            old_flat, new_flat = _norm_scale(module, [old_flat, new_flat], op.scale_init, 'norm' + suffix)
+        y = call(old_flat if flat else old_flat.reshape(old.shape), *args[1:], **kwargs)
+        zero = nn.initializers.zeros if self.preserve else None
+        features = module.features
+        if flat:
+            projection = _dense_like(module, _out_features(module), 'from_extra_heads' + suffix, use_bias=False,
+                                     kernel_init=zero)
+            return y + projection(new_flat).astype(y.dtype)
+        projection = nn.DenseGeneral(features, axis=(-2, -1), use_bias=False, dtype=module.dtype,
+                                     param_dtype=module.param_dtype, precision=module.precision,
+                                     kernel_init=zero or module.kernel_init, name='from_extra_heads' + suffix,
+                                     parent=module)
+        return y + projection(new_flat.reshape(new.shape)).astype(y.dtype)
+
+    # -- InsertAfter, Deepen, LoRA
+
+    def _insert_after(self, index: int, op: InsertAfter, module: nn.Module, call, *args, **kwargs):
+        y = call(*args, **kwargs)
+        path = '/'.join(module.path)
+        if not isinstance(y, jax.Array):
+            raise SurgeryError(f'{describe(op)}: {path} returns a {type(y).__name__}, not an array: insert after a '
+                               'module that returns one array.')
+        if module.parent is None or not isinstance(module.parent, nn.Module):
+            raise SurgeryError(f'{describe(op)}: {path} has no parent module to hold the new block.')
+        name = f'{module.name}_inserted{self.names[index]}'
+        block = module if op.block == COPY else op.block()
+        if not isinstance(block, nn.Module):
+            raise SurgeryError(f'{describe(op)}: block() returned a {type(block).__name__}, not a linen Module.')
+        try:
+            bound = block.clone(parent=module.parent, name=name)
+        except (nn.errors.AssignSubModuleError, nn.errors.FlaxError) as err:
+            raise SurgeryError(f'{describe(op)}: cannot add a block next to {path}: {err}') from None
+        new_path = (*module.parent.path, name)
+        start = len(self.record.seen)
+        out = bound(y, *args[1:], **kwargs)
+        if out.shape != y.shape:
+            raise SurgeryError(f'{describe(op)}: the new block maps shape {y.shape} to {out.shape}; a block inserted '
+                               'after a module must keep its output shape.')
+        if op.block == COPY:
+            self.record.copies[new_path] = tuple(module.path)
+        inside = [p for p in self.record.seen[start:] if p.startswith(path_str(new_path) + '/')]
+        if op.zero is not None:
+            prefix = len(path_str(new_path)) + 1
+            self.record.zero |= {tuple(p.split('/')) for p in inside if re.fullmatch(op.zero, p[prefix:])}
+        elif op.residual:
+            kernel_modules = [p for p in inside if _has_kernel(bound, p[len(path_str(new_path)) + 1:])]
+            if not kernel_modules:
+                raise SurgeryError(f'{describe(op)}: the new block has no layer with a kernel to start at zero; pass '
+                                   'zero=REGEX or residual=False.')
+            self.record.zero.add(tuple(kernel_modules[-1].split('/')))
+        return y + out if op.residual else out
+
+    def _deepen(self, index: int, op: Deepen, module: nn.Module, call, *args, **kwargs):
+        path = '/'.join(module.path)
+        if not _last_axis_dense(module):
+            raise SurgeryError(f'{describe(op)}: {path} is a {_kind(module)}; Deepen puts a Dense layer before a '
+                               'Dense or DenseGeneral over the last axis.')
+        x = args[0]
+        if self.preserve and op.units != x.shape[-1]:
+            raise SurgeryError(f'{describe(op)}: preserving the function needs units equal to the input width of '
+                               f'{path} ({x.shape[-1]}) so the new layer can start as the identity; got {op.units}.')
+        if module.parent is None:
+            raise SurgeryError(f'{describe(op)}: {path} has no parent module to hold the new layer.')
+        identity = (lambda key, shape, dtype=jnp.float32: jnp.eye(shape[0], shape[1], dtype=dtype))
+        layer = nn.Dense(op.units, dtype=module.dtype, param_dtype=module.param_dtype, precision=module.precision,
+                         kernel_init=identity if self.preserve else lecun_normal_flat,
+                         name=f'{module.name}_fc_a{self.names[index]}', parent=module.parent)
+        h = layer(x)
+        h = h if op.activation is None else op.activation(h)
+        return call(h, *args[1:], **kwargs)
+
+    def _lora(self, index: int, op: LoRA, module: nn.Module, call, *args, **kwargs):
+        path = '/'.join(module.path)
+        if not isinstance(module, (nn.Dense, nn.DenseGeneral)) or getattr(module, 'batch_dims', ()):
+            raise SurgeryError(f'{describe(op)}: {path} is a {_kind(module)}; LoRA adapts Dense and DenseGeneral.')
+        y = call(*args, **kwargs)
+        x = args[0]
+        axes = (-1,) if isinstance(module, nn.Dense) else _axes(module.axis)
+        axes = tuple(sorted(a % x.ndim for a in axes))
+        x_flat = jnp.moveaxis(x, axes, tuple(range(x.ndim - len(axes), x.ndim)))
+        x_flat = x_flat.reshape(*x_flat.shape[:x.ndim - len(axes)], -1)
+        out_shape = y.shape[x.ndim - len(axes):]
+        suffix = self.names[index]
+        a = module.param('lora_a' + suffix, lecun_normal_flat, (x_flat.shape[-1], op.rank), jnp.float32)
+        b = module.param('lora_b' + suffix, nn.initializers.zeros, (op.rank, math.prod(out_shape)), jnp.float32)
+        x_flat, a, b = nn.dtypes.promote_dtype(x_flat, a, b, dtype=module.dtype)
+        delta = ((x_flat @ a) @ b).reshape(*x_flat.shape[:-1], *out_shape)
+        return y + delta.astype(y.dtype)
+
+
+def _bind(method, index, op, module, call):
+    def bound(*args, **kwargs):
+        return method(index, op, module, call, *args, **kwargs)
+    return bound
+
+
+def _axes(axis) -> tuple[int, ...]:
+    return (axis,) if isinstance(axis, int) else tuple(axis)
+
+
+def _has_kernel(block: nn.Module, relative: str) -> bool:
+    """Whether the module at `relative` inside `block` (bound) holds a 'kernel' parameter."""
+    params = block.variables.get('params', {})
+    for part in relative.split('/'):
+        if not isinstance(params, Mapping) or part not in params:
+            return False
+        params = params[part]
+    return isinstance(params, Mapping) and 'kernel' in params
+
+
+def _norm_scale(module: nn.Module, groups: list[jax.Array], scale_init: float, name: str) -> list[jax.Array]:
+    """The paper's NormScale over [old, new, ...] feature groups, as a child `name` of `module`."""
+    sizes = [g.shape[-1] for g in groups]
+    dtype = jnp.result_type(*groups)
+    merged = NormScale(sizes, scale_init=scale_init, name=name, parent=module)(
+        jnp.concatenate([g.astype(dtype) for g in groups], axis=-1))
+    return jnp.split(merged, np.cumsum(sizes)[:-1].tolist(), axis=-1)
+
+
+def _heads_layout(op: AddHeads, attention: nn.Module, query: nn.Module, out: nn.Module, old: jax.Array,
+                  ) -> tuple[int, int, bool]:
+    """(head_dim, old heads, whether the projections are flat Dense layers) of an attention."""
+    where = '/'.join(attention.path)
+    if isinstance(query, nn.DenseGeneral) and not isinstance(query.features, int) and len(query.features) == 2:
+        heads, head_dim = (int(f) for f in query.features)
+        if old.shape[-2:] != (heads, head_dim):
+            raise SurgeryError(f'{describe(op)}: {where}/{op.out} reads shape {old.shape}; expected [..., {heads}, '
+                               f'{head_dim}] from the (heads, head_dim) query projection.')
+        return head_dim, heads, False
+    if isinstance(query, nn.Dense):
+        head_dim = op.head_dim
+        if head_dim is None and getattr(attention, 'num_heads', None):
+            head_dim = query.features // attention.num_heads
+        if not head_dim or query.features % head_dim or old.shape[-1] != query.features:
+            raise SurgeryError(f'{describe(op)}: {where} projects with Dense layers of {query.features} features: '
+                               'pass head_dim= (features = heads x head_dim).')
+        return head_dim, query.features // head_dim, True
+    raise SurgeryError(f'{describe(op)}: {where}/{op.query} is a {_kind(query)}; AddHeads needs DenseGeneral '
+                       'projections with (heads, head_dim) features (as nn.MultiHeadDotProductAttention) or Dense '
+                       'ones with head_dim given.')
+
+
+class _ExtraHeads(nn.Module):
+    """The new heads: their own query/key/value projections and attention over the same inputs."""
+    heads: int
+    head_dim: int
+    causal: bool
+    dropout_rate: float
+    normalize_qk: bool
+    use_bias: bool
+    kernel_init: Callable
+    bias_init: Callable
+    dtype: Any
+    param_dtype: Any
+
+    @nn.compact
+    def __call__(self, inputs_q, inputs_k, inputs_v, mask, deterministic: bool):
+        dense = lambda name: nn.DenseGeneral((self.heads, self.head_dim), use_bias=self.use_bias,
+                                             kernel_init=self.kernel_init, bias_init=self.bias_init, dtype=self.dtype,
+                                             param_dtype=self.param_dtype, name=name)
+        q, k, v = dense('query')(inputs_q), dense('key')(inputs_k), dense('value')(inputs_v)
+        if self.normalize_qk:
+            q = nn.LayerNorm(use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype, name='query_ln')(q)
+            k = nn.LayerNorm(use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype, name='key_ln')(k)
+        if mask is not None:
+            mask = mask.astype(jnp.bool_)  # flax's masks are often float (nn.make_causal_mask's default)
+        if self.causal:
+            causal = nn.make_causal_mask(jnp.ones(inputs_q.shape[:-1]), dtype=jnp.bool_)
+            mask = causal if mask is None else nn.combine_masks(mask, causal, dtype=jnp.bool_)
+        if mask is not None and mask.shape[-3] not in (1, self.heads):
+            if not mask.shape[-3]:
+                raise SurgeryError('AddHeads: an empty attention mask.')
+            mask = mask[..., :1, :, :]  # per-head masks of the old heads: the new heads take the first head's
+        if deterministic or not self.dropout_rate:  # the fused kernel where the backend has one
+            return jax.nn.dot_product_attention(q, k, v, mask=mask)
+        return nn.dot_product_attention(q, k, v, mask=mask, dropout_rng=self.make_rng('dropout'),
+                                        dropout_rate=self.dropout_rate, deterministic=False, dtype=self.dtype)
+
+
+def _sample(paths: Sequence[str], limit: int = 12) -> str:
+    unique = list(dict.fromkeys(paths))
+    return ', '.join(unique[:limit]) + (f', ... ({len(unique)} in all)' if len(unique) > limit else '')
+
+
+# ---------------------------------------------------------------------------------------------
+# The grown model
+
+
+class Grown(nn.Module):
+    """`model` grown by `ops`; build it with `grow(model, ops)`. Its parameters are the model's, at
+    the same paths, plus the operations' new ones."""
+    model: nn.Module
+    ops: tuple[Operation, ...]
+    preserve_function: bool = False
+
+    def setup(self):
+        nn.share_scope(self, self.model)  # the model's parameters keep their paths: no extra level
+
+    def __call__(self, *args, **kwargs):
+        call = _Call(self.ops, self.preserve_function)
+        with nn.intercept_methods(call.intercept):
+            out = self.model(*args, **kwargs)
+        call.finish()
+        return out
+
+    def init_with_output(self, rngs, *args, **kwargs):
+        """As linen's, plus: every operation must match, and new parts that start at zero do."""
+        record = _Record()
+        token = _RECORD.set(record)
+        try:
+            out, variables = super().init_with_output(rngs, *args, **kwargs)
+        finally:
+            _RECORD.reset(token)
+        check_matches(self.ops, record)
+        return out, _zeroed(variables, record.zero)
+
+    def trace(self, *args, **kwargs) -> _Record:
+        """What an init with these inputs sees (module paths, matches, zero-initialised and copied
+        modules), computed from shapes only."""
+        record = _Record()
+        token = _RECORD.set(record)
+        try:
+            jax.eval_shape(lambda: nn.Module.init_with_output(self, jax.random.key(0), *args, **kwargs))
+        finally:
+            _RECORD.reset(token)
+        return record
+
+    def matches(self, *args, **kwargs) -> dict[str, list[str]]:
+        """{operation: the module paths it matched} for these inputs (shapes only)."""
+        record = self.trace(*args, **kwargs)
+        check_matches(self.ops, record)
+        return {describe(op): sorted(set().union(*(paths for (i, _), paths in record.matched.items() if i == index)))
+                for index, op in enumerate(self.ops)}
+
+    def graft_sources(self, *args, **kwargs) -> dict[Path, Path]:
+        """{grown leaf path: pretrained leaf path} of new leaves that start as copies of pretrained ones
+        (InsertAfter(block='copy')); grow_params reads it. Leaves that start at zero are not copied."""
+        record = self.trace(*args, **kwargs)
+        if not record.copies:
+            return {}
+        shapes = jax.eval_shape(lambda: nn.Module.init(self, jax.random.key(0), *args, **kwargs))
+        sources = {}
+        for path in flatten(shapes):
+            collection, rest = path[0], path[1:]
+            for new, old in record.copies.items():
+                if rest[:len(new)] == new and rest[:-1] not in record.zero:
+                    sources[path] = (collection, *old, *rest[len(new):])
+        return sources
+
+
+def _zeroed(variables: Mapping, modules: set[Path]) -> dict:
+    """`variables` with the parameters of `modules` (module paths) at zero."""
+    if not modules:
+        return variables
+    return unflatten({path: jnp.zeros_like(leaf) if path[0] == 'params' and path[1:-1] in modules else leaf
+                      for path, leaf in flatten(variables).items()})
+
+
+def check_matches(ops: Sequence[Operation], record: _Record) -> None:
+    """Raises a SurgeryError for an operation (or its `into`/`through`) that matched no module,
+    naming the pattern and the module paths it could have meant."""
+    for index, op in enumerate(ops):
+        if isinstance(op, Widen):
+            required = [('producer', op.module), ('consumer', op.into)]
+        elif isinstance(op, AddHeads):
+            required = [('attention', op.module), ('head_output', f'{op.module}/{op.out}')]
+        else:
+            required = [(None, op.module)]
+        for role, pattern in required:
+            if not any(i == index and role in (None, r) for i, r in record.matched):
+                raise SurgeryError(f'{describe(op)}: {pattern!r} matches no module that was called. '
+                                   f'{_suggest(pattern, record.seen)}')
+        for pattern in getattr(op, 'through', ()):
+            if not any(re.fullmatch(pattern, p) for p in record.seen):
+                raise SurgeryError(f'{describe(op)}: through={pattern!r} matches no module that was called. '
+                                   f'{_suggest(pattern, record.seen)}')
+
+
+def _suggest(pattern: str, seen: Sequence[str]) -> str:
+    unique = list(dict.fromkeys(seen))
+    close = difflib.get_close_matches(pattern, unique, n=6, cutoff=0.4)
+    last = pattern.rsplit('/', 1)[-1]
+    close += [p for p in unique if p.rsplit('/', 1)[-1] == last and p not in close][:6 - len(close)]
+    if close:
+        return f'Did you mean one of: {", ".join(close)}? (Patterns match whole paths.)'
+    return f'Modules called: {_sample(unique)}.'
+
+
+def grow(model: nn.Module, ops: Sequence[Operation]) -> Grown:
+    """`model` (a linen Module, unmodified) grown by `ops`; growing a grown model again appends the
+    operations, so names of earlier rounds stay as they were (continual growth)."""
+    if isinstance(ops, _OPERATIONS):
+        ops = [ops]
+    ops = tuple(ops)
+    for op in ops:
+        if not isinstance(op, _OPERATIONS):
+            raise SurgeryError(f'surgery.grow: {op!r} is not an operation (Widen, AddHeads, InsertAfter, Deepen, '
+                               'LoRA).')
+    if isinstance(model, Grown):
+        return model.clone(ops=model.ops + ops)
+    if not isinstance(model, nn.Module):
+        hint = ' For Flax NNX modules use growjax.nnx_surgery.grow.' if 'nnx' in type(model).__module__ else ''
+        raise SurgeryError(f'surgery.grow: expected a flax.linen Module, got a {type(model).__name__}.{hint}')
+    duplicates = [describe(op) for i, op in enumerate(ops) if isinstance(op, LoRA) and op in ops[:i]]
+    if duplicates:
+        raise SurgeryError(f'surgery.grow: {duplicates[0]} is given twice.')
+    return Grown(model=model, ops=ops)
+
+
+# ---------------------------------------------------------------------------------------------
+# What was grafted
+
+
+@dataclasses.dataclass(frozen=True)
+class Report:
+    """Per module: which leaves were copied from the pretrained tree, which are new, which were
+    re-initialised; what each operation matched; and, if checked, how far the function-preserving
+    variant's output is from the pretrained model's."""
+    modules: dict[str, dict[str, list[str]]]  # module path -> {'copied' | 'new' | 'reinitialised': [leaf names]}
+    matches: dict[str, list[str]]
+    max_abs_difference: float | None = None
+
+    def __str__(self) -> str:
+        lines = ['operation -> modules it matched:']
+        lines += [f'  {op} -> {", ".join(paths) or "(none)"}' for op, paths in self.matches.items()]
+        lines.append('module: copied | new | re-initialised leaves')
+        for module, kinds in self.modules.items():
+            cells = [', '.join(kinds.get(kind, [])) or '-' for kind in ('copied', 'new', 'reinitialised')]
+            lines.append(f'  {module or "(root)"}: ' + ' | '.join(cells))
+        if self.max_abs_difference is not None:
+            lines.append(f'function-preserving variant vs pretrained model: max |difference| = '
+                         f'{self.max_abs_difference:.3g}')
+        return '\n'.join(lines)
+
+
+def report(grown: Grown, pretrained_variables: Mapping, grown_variables: Mapping, *sample_args,
+           reinit: str | Sequence[str] = (), pretrained_model: nn.Module | None = None, rng: jax.Array | None = None,
+           atol: float = 1e-5) -> Report:
+    """The graft report of `grown_variables` (from grow_params) and, when a pretrained model to
+    compare with is known (`pretrained_model`, else `grown.model` when the pretrained tree fits it),
+    a check on `sample_args` that the function-preserving variant of the same operations computes
+    what the pretrained model did: a SurgeryError when the outputs differ by more than `atol` (a
+    leaf grafted into the wrong place shows up here)."""
+    patterns = compile_patterns(reinit)
+    pretrained_flat = flatten(pretrained_variables)
+    modules: dict[str, dict[str, list[str]]] = {}
+    for path, leaf in flatten(grown_variables).items():
+        if path in pretrained_flat and matches_any(path, patterns):
+            kind = 'reinitialised'
+        elif path in pretrained_flat:
+            kind = 'copied'
+        else:
+            kind = 'new'
+        module = path_str(path[1:-1]) if path[0] == 'params' else f'{path[0]}:{path_str(path[1:-1])}'
+        modules.setdefault(module, {}).setdefault(kind, []).append(path[-1])
+    result = Report(modules=modules, matches=grown.matches(*sample_args))
+    reference = pretrained_model
+    if reference is None:
+        try:
+            graft_plan(pretrained_variables, jax.eval_shape(lambda: grown.model.init(jax.random.key(0), *sample_args)))
+            reference = grown.model
+        except GraftError:
+            return result  # another head (a new task): pass pretrained_model= to check the function
+    preserving = grow(reference, grown.ops).clone(preserve_function=True)
+    variables = grow_params(pretrained_variables, preserving, jax.random.key(0) if rng is None else rng, *sample_args)
+    difference = check_function(reference, pretrained_variables, preserving, variables, *sample_args, atol=atol)
+    return dataclasses.replace(result, max_abs_difference=difference)
+
+
+def check_function(pretrained_model: nn.Module, pretrained_variables: Mapping, grown_model: nn.Module,
+                   grown_variables: Mapping, *sample_args, atol: float = 1e-5) -> float:
+    """The max |difference| of the two models' outputs on `sample_args`; a SurgeryError above `atol`.
+
+    Give it a grown model whose new parts preserve the function: grafting is strict about paths and
+    shapes, but two square kernels swapped by a renamed layer graft without complaint. This is the
+    check that catches them."""
+    expected = pretrained_model.apply(pretrained_variables, *sample_args)
+    actual = grown_model.apply(grown_variables, *sample_args)
+    difference = float(jnp.max(jnp.abs(jnp.asarray(actual, jnp.float32) - jnp.asarray(expected, jnp.float32))))
+    if not difference <= atol:
+        raise SurgeryError(f'The grown model differs from the pretrained model by {difference:.3g} (> atol={atol}) with '
+                           'its new parts set to preserve the function: a pretrained leaf is not where the model reads '
+                           'it, or an operation does not preserve the function.')
+    return difference
