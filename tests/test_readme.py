@@ -1,4 +1,4 @@
-"""The README's "Using grow_params in your code" example runs as written."""
+"""The README's examples run as written."""
 import os
 import re
 
@@ -21,3 +21,20 @@ def test_grow_params_example_runs():
     assert 'fc6_plus' in wider['params']
     momentum = optax.tree_utils.tree_get(state, 'trace')
     assert not np.any(momentum['fc6_plus']['kernel'])  # the new layer's momentum exists and is zero
+
+
+def readme_section(title: str) -> str:
+    text = open(README).read()
+    section = text.split(title, 1)[1]
+    return re.search(r'```python\n(.*?)```', section, re.S).group(1)
+
+
+def test_grow_your_own_flax_model_example_runs(capsys):
+    namespace = {}
+    exec(compile(readme_section('## Grow your own Flax model'), 'README.md', 'exec'), namespace)
+    wider, state = namespace['wider'], namespace['opt_state']
+    assert 'plus' in wider['params']['block0']['fc1'] and 'plus' in wider['params']['block1']['fc1']
+    assert 'block1_inserted' in wider['params']
+    mu = optax.tree_utils.tree_get(state, 'mu')
+    assert not np.any(mu['block0']['fc1']['plus']['kernel'])  # the second round's units start without history
+    assert 'function-preserving variant vs pretrained model' in capsys.readouterr().out
