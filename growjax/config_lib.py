@@ -15,9 +15,13 @@ from growjax.errors import UserError
 from growjax.models.growth import Growth
 from growjax.models.resnet import PAPER_LAYERS as RESNET_LAYERS
 from growjax.pretrained import IMAGENET_MEAN, IMAGENET_STD
+from growjax.steps import OPTIMIZERS
 
 DEFAULT_CACHE = os.path.join(os.path.expanduser('~'), '.cache', 'growjax')
 REQUIRED = 'required: '  # an init.pretrained value that asks the user for a path
+# What each family's classifier is called: the leaves a new task re-initialises.
+CLASSIFIER_REINIT = {'vit': ('^head/',)}
+DEFAULT_REINIT = ('^classifier/',)
 
 
 class ConfigError(UserError):
@@ -34,6 +38,14 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.width = 1.0               # multiplies every layer's size
     c.model.dropout_rate = 0.0
     c.model.dtype = 'float32'         # compute dtype: 'float32' or 'bfloat16' (params stay float32)
+    c.model.vit = ml_collections.ConfigDict()  # model.name='vit' only (growjax.models.vit.ViT)
+    c.model.vit.variant = 'Ti/4'      # big_vision's 'NAME/PATCH': mu, Ti, S, B, L; patch in pixels
+    c.model.vit.width = 64            # 0: the variant's; else an explicit size (64 x 4 blocks: the built-in data)
+    c.model.vit.depth = 4             # 0: the variant's number of blocks
+    c.model.vit.mlp_dim = 256         # 0: the variant's
+    c.model.vit.num_heads = 2         # 0: the variant's
+    c.model.vit.pool_type = 'tok'     # 'tok' (class token) or 'gap' (mean of the tokens)
+    c.model.vit.representation_size = 0  # a tanh pre-logits layer of this width (0: none)
 
     c.growth = ml_collections.ConfigDict()
     c.growth.method = 'wa'            # a growjax.methods name; 'scratch' trains the plain model from random init
@@ -42,11 +54,13 @@ def base_config() -> ml_collections.ConfigDict:
     c.growth.scale_init = 10.0        # gamma's initial value
     c.growth.widen = ''               # extra 'layer=units,...', e.g. for ResNets 'stage4=128'
     c.growth.deepen = ''              # extra 'layer=size,...' (fc heads: units of fc_a; ResNets: blocks)
-    c.growth.lora_rank = 8            # method 'lora': rank of the adapters on fc6 and fc7
+    c.growth.lora_rank = 8            # method 'lora': rank of the adapters (CNNs: fc6, fc7; ViT: attention)
+    c.growth.blocks = 1               # ViT: how many top blocks grow (wa, heads) or how many blocks DA adds
+    c.growth.heads = 2                # ViT, method 'heads': heads added to each grown block
 
     c.init = ml_collections.ConfigDict()
     c.init.pretrained = 'builtin'     # 'builtin' (pretrain on the source task, cached), a path, or ''
-    c.init.reinit = ('^classifier/',) # regexes of pretrained leaves to re-initialise (new task)
+    c.init.reinit = DEFAULT_REINIT    # regexes of pretrained leaves to re-initialise (new task; ViT: '^head/')
     c.init.cache_dir = DEFAULT_CACHE  # where 'builtin' keeps its pretrained source models
     c.init.pretrain_steps = 1200      # training steps of the built-in source model
     c.init.source_dataset = 'growjax_latin'  # the built-in source task it is trained on
@@ -70,8 +84,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.steps = 300
     c.train.batch_size = 32           # global, over all devices and processes
     c.train.learning_rate = 0.01
+    c.train.optimizer = 'sgd'         # the paper's SGD with momentum, or 'adamw' (beta1 = momentum)
     c.train.momentum = 0.9
     c.train.weight_decay = 5e-4
+    c.train.warmup_steps = 0          # linear warm-up of the learning rate from 0
     c.train.new_lr_multiplier = 10.0  # paper: new layers learn 10x faster
     c.train.lr_decay_at = (0.5, 0.8)  # fractions of training where the learning rate drops 10x
     c.train.log_every = 25
@@ -90,12 +106,24 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
+def vit_config() -> ml_collections.ConfigDict:
+    """The defaults for growjax's ViT on the built-in data: a 4-block, 64-wide ViT with 4x4 patches
+    (model.vit), pretrained on the Latin letters, growing S = 128 units (its MLP is 256 wide)."""
+    c = base_config()
+    c.model.name = 'vit'
+    c.init.reinit = CLASSIFIER_REINIT['vit']
+    c.init.pretrain_steps = 2000
+    c.growth.units = 128
+    return c
+
+
 def pretrain_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """The source-task run behind init.pretrained='builtin': the same plain architecture trained
     from scratch on all of the rendered Latin letters."""
     c = base_config()
     c.seed = 0
     c.model.name, c.model.width, c.model.dropout_rate = config.model.name, config.model.width, config.model.dropout_rate
+    c.model.vit = config.model.vit.copy_and_resolve_references()
     c.growth.method = 'scratch'
     c.init.pretrained = ''
     c.data.name = config.init.source_dataset
@@ -107,6 +135,9 @@ def pretrain_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
     c.train.batch_size = 128
     c.train.learning_rate = 0.05
     c.train.new_lr_multiplier = 1.0
+    if config.model.name == 'vit':  # a transformer trained from scratch needs Adam and a warm-up
+        c.train.optimizer, c.train.learning_rate, c.train.weight_decay = 'adamw', 1e-3, 0.05
+        c.train.warmup_steps = min(200, config.init.pretrain_steps // 10)
     c.train.eval_every = max(1, config.init.pretrain_steps // 2)
     c.train.checkpoint_every = c.train.eval_every
     c.train.progress = config.train.progress
@@ -132,7 +163,7 @@ def growth_from_config(config: ml_collections.ConfigDict) -> Growth | None:
     (growjax.models.resnet.PAPER_LAYERS), and fc_a is one residual block inserted at the end of stage4.
     """
     g = config.growth
-    spec = methods.get(g.method).growth(g)
+    spec = methods.get(g.method).growth_spec(g)
     widen, deepen = (spec.widen_by, spec.deepen_by) if spec else ({}, {})
     if config.model.name.startswith('resnet'):
         widen = {RESNET_LAYERS[layer]: units for layer, units in widen.items()}
@@ -157,6 +188,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
     need(config.growth.units > 0, 'growth.units', f'must be a positive number of units, got {config.growth.units}.')
     need(config.growth.scale_init > 0, 'growth.scale_init', f'must be positive, got {config.growth.scale_init}.')
     need(config.growth.lora_rank > 0, 'growth.lora_rank', f'must be a positive rank, got {config.growth.lora_rank}.')
+    for key in ('blocks', 'heads'):
+        need(config.growth[key] > 0, f'growth.{key}', f'must be a positive number, got {config.growth[key]}.')
+    for key in ('width', 'depth', 'mlp_dim', 'num_heads', 'representation_size'):
+        need(config.model.vit[key] >= 0, f'model.vit.{key}', f'must be >= 0 (0: the variant\'s), got '
+             f'{config.model.vit[key]}.')
     for key in ('widen', 'deepen'):
         parse_layer_counts(config.growth[key], f'growth.{key}')
     need(config.model.dtype in ('float32', 'bfloat16'), 'model.dtype', f"must be 'float32' or 'bfloat16', got {config.model.dtype!r}.")
@@ -172,6 +208,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
         need(config.train[key] > 0, f'train.{key}', f'must be positive, got {config.train[key]}.')
     need(0 <= config.train.momentum < 1, 'train.momentum', f'must be in [0, 1), got {config.train.momentum}.')
     need(config.train.weight_decay >= 0, 'train.weight_decay', f'must be >= 0, got {config.train.weight_decay}.')
+    need(config.train.optimizer in OPTIMIZERS, 'train.optimizer', f'must be one of {OPTIMIZERS}, got '
+         f'{config.train.optimizer!r}.')
+    need(0 <= config.train.warmup_steps < config.train.steps, 'train.warmup_steps',
+         f'must be in [0, train.steps), got {config.train.warmup_steps}.')
     need(all(0 < f < 1 for f in config.train.lr_decay_at), 'train.lr_decay_at',
          f'fractions must be in (0, 1), got {tuple(config.train.lr_decay_at)}.')
     need(not config.init.pretrained.startswith(REQUIRED), 'init.pretrained',
@@ -191,6 +231,8 @@ PRESET_MODELS = {
     'alexnet': 'torchvision AlexNet ImageNet weights (alexnet-owt-7be5be79.pth)',
     'vgg16': 'torchvision VGG16 ImageNet weights (vgg16-397923af.pth)',
     'resnet50': 'torchvision ResNet-50 ImageNet weights (resnet50-0676ba61.pth or resnet50-11ad3fa6.pth)',
+    'vit': ("a ViT-B/16 checkpoint: timm's model.safetensors (e.g. vit_base_patch16_224.augreg_in21k), "
+            "torchvision's vit_b_16-c867db91.pth, or big_vision's .npz"),
 }
 
 
@@ -206,7 +248,8 @@ def apply_preset(config: ml_collections.ConfigDict, preset: str | None) -> ml_co
         raise ConfigError(f'Unknown preset {preset!r}; available: {preset_names()}.')
     model, _, dataset = preset.partition('_')
     config.model.name = model
-    config.model.dropout_rate = 0.0 if model.startswith('resnet') else 0.5
+    config.model.dropout_rate = 0.5 if model in ('alexnet', 'vgg16') else 0.0
+    config.init.reinit = CLASSIFIER_REINIT.get(model, DEFAULT_REINIT)
     config.growth.units = 1024
     if methods.METHODS[config.growth.method].pretrained:
         config.init.pretrained = REQUIRED + PRESET_MODELS[model]
@@ -217,6 +260,9 @@ def apply_preset(config: ml_collections.ConfigDict, preset: str | None) -> ml_co
     config.data.crop_padding = 16
     config.data.flip = True
     config.data.mean, config.data.std = IMAGENET_MEAN, IMAGENET_STD
+    if model == 'vit':  # ViT-B/16 at 224 px; timm's and big_vision's weights expect [-1, 1] inputs
+        config.model.vit.update(variant='B/16', width=0, depth=0, mlp_dim=0, num_heads=0)
+        config.data.mean, config.data.std = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
     config.data.val_split = ''
     config.train.batch_size = 32
     config.train.learning_rate = 0.001  # the paper's fine-tuning rate; new layers at 10x

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from growjax.grow import Path, compile_patterns, flatten, matches_any, path_str, unflatten
+from growjax.grow import Path, compile_patterns, flatten, matches_any, path_str, pure, unflatten
 
 PRETRAINED, NEW = 'pretrained', 'new'
 
@@ -23,6 +23,7 @@ def param_labels(params: Mapping, pretrained_params: Mapping, reinit: str | Iter
 
     `pretrained_params` may be the values or just their shapes (jax.eval_shape of the ungrown
     model). Reinit patterns are matched as in grow_params, so a reinitialised classifier is new.
+    Either tree may be a Flax NNX nnx.State (or its pure dict); the result is a pure dict.
     """
     patterns = compile_patterns(reinit)
     pretrained_flat = flatten(pretrained_params)
@@ -122,7 +123,18 @@ def param_groups(model, pretrained_params: Mapping | None, regime: str, *sample_
 
     The one place where a training set-up decides what trains; the main job, the paper's runner
     and research code all call it.
+
+    `model` may be a Flax NNX module (e.g. grown by growjax.nnx_surgery.grow), which holds its
+    parameters: its nnx.Param state is labelled (pure dicts), no sample args are needed, and the
+    layer order is the order its `__init__` assigns its top-level attributes.
     """
+    from flax import nnx  # only NNX models need it
+    if isinstance(model, nnx.Module):
+        params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+        pretrained = pure(pretrained_params) or {}
+        labels = param_labels(params, pretrained, reinit=reinit)
+        order = [name for name in vars(model) if name in params and (not pretrained or name in pretrained)]
+        return ParamGroups(labels=labels, mask=trainable_mask(labels, regime, order), layer_order=tuple(order))
     rng = jax.random.key(0)  # shapes and names do not depend on it
     shapes = jax.eval_shape(lambda: model.init(rng, *sample_args))  # closed over: a `train` flag stays Python
     labels = param_labels(shapes['params'], pretrained_params or {}, reinit=reinit)

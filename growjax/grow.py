@@ -26,12 +26,18 @@ class GraftError(UserError):
 
 
 def path_str(path: Path) -> str:
-    return '/'.join(path)
+    return '/'.join(str(part) for part in path)  # an NNX state's list indices are ints
+
+
+def pure(tree):
+    """A Flax NNX `nnx.State` as its pure dict (`state.to_pure_dict()`: arrays, list indices as int
+    keys); any other tree as it is. Every function here that reads parameter trees accepts either."""
+    return tree.to_pure_dict() if hasattr(tree, 'to_pure_dict') and not isinstance(tree, dict) else tree
 
 
 def flatten(tree: Mapping) -> dict[Path, Any]:
-    """{('params', 'fc7', 'kernel'): leaf, ...} for a nested dict of variables."""
-    return traverse_util.flatten_dict(tree)
+    """{('params', 'fc7', 'kernel'): leaf, ...} for a nested dict of variables (or an nnx.State)."""
+    return traverse_util.flatten_dict(pure(tree))
 
 
 def unflatten(flat: Mapping[Path, Any]) -> dict:
@@ -151,6 +157,9 @@ def grow_params(pretrained_variables: Mapping, model, rng: jax.Array, *sample_ar
     computes exactly what the pretrained one did (zero fan-in from new units, identity inserted
     layers). Only models with a `preserve_function` field know how; the model raises where it is
     impossible (e.g. NormScale, which rescales the pretrained units).
+
+    `pretrained_variables` may be an nnx.State (read as its pure dict). Flax NNX models grow with
+    growjax.nnx_surgery.grow instead: their Variables already hold the pretrained values.
     """
     if preserve_function:
         if 'preserve_function' not in getattr(model, '__dataclass_fields__', {}):
@@ -218,7 +227,13 @@ def grow_opt_state(opt_state: PyTree, old_params: Mapping, new_params: Mapping, 
     The state then takes the new optimiser's structure (its `init(new_params)`), with every slot
     and count the old state has at the same place carried over: a leaf that starts training gets
     a fresh slot, one that stops training loses its slot.
+
+    Flax NNX: `old_params` / `new_params` may be nnx.State (`nnx.state(model, nnx.Param)`), read as
+    their pure dicts; `opt_state` is then the state of an optimiser over those pure dicts (plain
+    optax, or `nnx.as_pure(optimizer.opt_state)` of an nnx.Optimizer running
+    nnx_surgery.on_pure_dicts(tx)), and the result is over pure dicts too.
     """
+    old_params, new_params = pure(old_params), pure(new_params)
     graft_plan(old_params, new_params)  # every old slot must have a same-shaped place
     if optimizer is not None:
         return _carry_over(opt_state, optimizer.init(new_params), ())

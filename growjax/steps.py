@@ -54,24 +54,39 @@ def decay_mask(params: Mapping) -> dict:
     return unflatten({path: path[-1] == 'kernel' for path in flatten(params)})
 
 
+OPTIMIZERS = ('sgd', 'adamw')
+
+
 def make_optimizer(trainable_labels: Mapping, *, learning_rate: optax.ScalarOrSchedule, momentum: float,
                    weight_decay: float, new_lr_multiplier: float, pretrained_lr_multiplier: float = 1.0,
-                   ) -> optax.GradientTransformation:
+                   kind: str = 'sgd') -> optax.GradientTransformation:
     """The paper's optimiser: SGD with momentum and weight decay, new layers at a higher learning rate.
 
-    `trainable_labels` are the 'pretrained'/'new' labels of the trainable tree.
+    `trainable_labels` are the 'pretrained'/'new' labels of the trainable tree. kind='adamw' swaps
+    SGD for AdamW (beta1 = momentum), which transformers need to train from scratch (the built-in
+    ViT's source model); the per-group rates and the decayed leaves stay the same.
     """
+    if kind == 'sgd':
+        base = optax.chain(optax.add_decayed_weights(weight_decay, mask=decay_mask),
+                           optax.sgd(learning_rate, momentum=momentum or None))
+    elif kind == 'adamw':
+        base = optax.adamw(learning_rate, b1=momentum, weight_decay=weight_decay, mask=decay_mask)
+    else:
+        raise ValueError(f'Unknown optimizer {kind!r}; expected one of {OPTIMIZERS}.')
     return optax.chain(
-        optax.add_decayed_weights(weight_decay, mask=decay_mask),
-        optax.sgd(learning_rate, momentum=momentum or None),
-        scale_by_group(trainable_labels, {PRETRAINED: pretrained_lr_multiplier, NEW: new_lr_multiplier}),
-    )
+        base, scale_by_group(trainable_labels, {PRETRAINED: pretrained_lr_multiplier, NEW: new_lr_multiplier}))
 
 
-def step_schedule(base_lr: float, total_steps: int, decay_at: tuple[float, ...], factor: float = 0.1):
-    """The paper's step schedule: the learning rate times `factor` at each fraction in `decay_at`."""
-    return optax.piecewise_constant_schedule(
+def step_schedule(base_lr: float, total_steps: int, decay_at: tuple[float, ...], factor: float = 0.1,
+                  warmup_steps: int = 0):
+    """The paper's step schedule: the learning rate times `factor` at each fraction in `decay_at`,
+    after an optional linear warm-up from 0 over `warmup_steps`."""
+    steps = optax.piecewise_constant_schedule(
         base_lr, {max(1, int(round(fraction * total_steps))): factor for fraction in decay_at})
+    if not warmup_steps:
+        return steps
+    return optax.join_schedules([optax.linear_schedule(0.0, base_lr, warmup_steps), lambda count: steps(count + warmup_steps)],
+                                [warmup_steps])
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:

@@ -15,13 +15,13 @@ import ml_collections
 import numpy as np
 import optax
 
-from growjax import checkpoint, config_lib, data, groups, models, steps
+from growjax import checkpoint, config_lib, data, groups, methods, models, pretrained, steps, surgery
 from growjax.errors import UserError
 from growjax.grow import grow_params
 from growjax.outputs import MetricsWriter, ProgressBar, plot_curves
-from growjax.pretrained import WEIGHT_FILE_SUFFIXES, from_torch
 
 log = logging.getLogger('growjax')
+BIG_VISION_SUFFIX = '.npz'  # big_vision / the original ViT code's checkpoints (growjax.pretrained.from_big_vision)
 
 
 class TrainingDiverged(UserError):
@@ -29,9 +29,23 @@ class TrainingDiverged(UserError):
 
 
 def build_model(config: ml_collections.ConfigDict, num_classes: int):
-    """The (grown) model the config describes."""
+    """The (grown) model the config describes: a growjax CNN with its Growth spec, or growjax's ViT
+    grown by growjax.surgery (growjax.methods says how each method grows either)."""
+    dtype = jnp.bfloat16 if config.model.dtype == 'bfloat16' else None
+    if config.model.name == 'vit':
+        v = config.model.vit
+        vit = models.get('vit', num_classes=num_classes, variant=v.variant, width=v.width or None,
+                         depth=v.depth or None, mlp_dim=v.mlp_dim or None, num_heads=v.num_heads or None,
+                         pool_type=v.pool_type, representation_size=v.representation_size or None,
+                         dropout_rate=config.model.dropout_rate, dtype=dtype)
+        for key in ('widen', 'deepen'):
+            if config.growth[key]:
+                raise config_lib.ConfigError(f'config.growth.{key} is for CNNs; a ViT grows by growth.method '
+                                             '(growth.units, growth.blocks, growth.heads).')
+        operations = methods.get(config.growth.method).operations(config.growth, vit)
+        return surgery.grow(vit, operations) if operations else vit
     growth = config_lib.growth_from_config(config)
-    kwargs = {'width': config.model.width, 'dtype': jnp.bfloat16 if config.model.dtype == 'bfloat16' else None}
+    kwargs = {'width': config.model.width, 'dtype': dtype}
     if 'dropout_rate' in models.options(config.model.name):  # ResNets have no dropout
         kwargs['dropout_rate'] = config.model.dropout_rate
     return models.get(config.model.name, num_classes=num_classes, growth=growth, **kwargs)
@@ -41,7 +55,8 @@ def model_description(config: ml_collections.ConfigDict, num_classes: int) -> di
     """What the export's model.json records: enough to rebuild the architecture."""
     return {'name': config.model.name, 'num_classes': num_classes, 'width': config.model.width,
             'dropout_rate': config.model.dropout_rate, 'growth': config.growth.to_dict(),
-            'image_size': config.data.image_size}
+            'image_size': config.data.image_size,
+            **({'vit': config.model.vit.to_dict()} if config.model.name == 'vit' else {})}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -51,8 +66,10 @@ def model_description(config: ml_collections.ConfigDict, num_classes: int) -> di
 def builtin_pretrained_dir(config: ml_collections.ConfigDict) -> str:
     """The cache folder of the built-in source model: a hash of everything that shapes it."""
     pretrain = config_lib.pretrain_config(config)
-    key = json.dumps({k: pretrain[k].to_dict() for k in ('model', 'growth', 'data', 'train')} | {'seed': pretrain.seed},
-                     sort_keys=True, default=str)
+    shaping = {k: pretrain[k].to_dict() for k in ('model', 'growth', 'data', 'train')} | {'seed': pretrain.seed}
+    if pretrain.model.name != 'vit':
+        del shaping['model']['vit']  # the ViT's settings do not shape a CNN
+    key = json.dumps(shaping, sort_keys=True, default=str)
     digest = hashlib.sha256(key.encode()).hexdigest()[:12]
     return os.path.join(config.init.cache_dir, 'pretrained', f'{config.model.name}_latin_{digest}')
 
@@ -71,9 +88,16 @@ def load_pretrained(config: ml_collections.ConfigDict, sharding: jax.sharding.Sh
     if source != 'builtin' and not os.path.exists(source):
         raise config_lib.ConfigError(
             f"config.init.pretrained: {source} does not exist. Pass 'builtin', the workdir of a finished growjax "
-            f"run (its export/), or a published weights file ({', '.join(WEIGHT_FILE_SUFFIXES)}).")
-    if source.endswith(WEIGHT_FILE_SUFFIXES):
-        return from_torch(source, config.model.name, width=config.model.width, sharding=sharding)
+            f"run (its export/), or a published weights file ({', '.join(pretrained.WEIGHT_FILE_SUFFIXES)}, or "
+            f"big_vision's {BIG_VISION_SUFFIX}).")
+    if source.endswith(BIG_VISION_SUFFIX):
+        return pretrained.from_big_vision(source, variant=config.model.vit.variant, image_size=config.data.image_size,
+                                          sharding=sharding)
+    if source.endswith(pretrained.WEIGHT_FILE_SUFFIXES):
+        if config.model.name == 'vit':
+            return pretrained.from_torch(source, 'vit', variant=config.model.vit.variant,
+                                         image_size=config.data.image_size, sharding=sharding)
+        return pretrained.from_torch(source, config.model.name, width=config.model.width, sharding=sharding)
     if source == 'builtin':
         workdir = builtin_pretrained_dir(config)
         if not os.path.isdir(os.path.join(workdir, checkpoint.EXPORT_DIR)):
@@ -191,7 +215,7 @@ def init_state(config, model, pretrained, mesh, image_shape):
         raise config_lib.ConfigError(f'config.train.regime: {err}') from None
     optimizer = steps.make_optimizer(param_groups.trainable_labels, learning_rate=learning_rate_schedule(config),
                                      momentum=config.train.momentum, weight_decay=config.train.weight_decay,
-                                     new_lr_multiplier=config.train.new_lr_multiplier)
+                                     new_lr_multiplier=config.train.new_lr_multiplier, kind=config.train.optimizer)
     mask = param_groups.mask
     state = jax.jit(lambda v: steps.create_state(v, mask, optimizer), out_shardings=replicated)(variables)
     log.info('Parameters (layer, group, trains?, count):\n%s',
@@ -335,7 +359,8 @@ def check_finite(metrics: list[dict], first_step: int, workdir: str) -> list[dic
 
 def learning_rate_schedule(config) -> optax.Schedule:
     """The paper's step schedule of config.train (the optimiser's, and the one logged)."""
-    return steps.step_schedule(config.train.learning_rate, config.train.steps, tuple(config.train.lr_decay_at))
+    return steps.step_schedule(config.train.learning_rate, config.train.steps, tuple(config.train.lr_decay_at),
+                               warmup_steps=config.train.warmup_steps)
 
 
 def final_evaluation(config, workdir, writer, eval_step, state, eval_batches) -> dict[str, Any]:

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from growjax import config_lib, data, steps, train
+from growjax.errors import UserError
 from growjax.grow import flatten
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -189,3 +190,56 @@ def test_one_line_errors_keep_their_quotes():
             "print(main.one_line(KeyError('no such key')))")
     result = subprocess.run([sys.executable, '-c', code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.stdout.splitlines() == ["pass 'builtin'", 'no such key'], result.stderr[-2000:]
+
+
+@pytest.fixture
+def tiny_vit_config(tiny_config):
+    """A tiny ViT (2 blocks, width 16) on the tiny built-in data; its source model pretrained for 8 steps."""
+    def make(method='wa'):
+        c = tiny_config(method)
+        c.model.name = 'vit'
+        c.model.vit.update(variant='mu/4', width=16, depth=2, mlp_dim=32, num_heads=2)
+        c.init.reinit = config_lib.CLASSIFIER_REINIT['vit']
+        c.growth.units = 8
+        return c
+    return make
+
+
+@pytest.mark.parametrize('method,regime,new_leaf', [
+    ('wa', 'block1_new', ('block1', 'mlp', 'fc1', 'plus', 'kernel')),
+    ('da', 'new', ('block1_inserted', 'mlp', 'fc2', 'kernel')),
+    ('heads', 'all', ('block1', 'attention', 'extra_heads', 'query', 'kernel')),
+    ('lora', 'new', ('block0', 'attention', 'value', 'lora_b')),
+])
+def test_vit_grows_and_trains_through_the_main_job(tiny_vit_config, tmp_path, method, regime, new_leaf):
+    from growjax.checkpoint import load_export
+    config = tiny_vit_config(method)
+    config.train.regime = regime
+    summary = train.train_and_evaluate(config, str(tmp_path))
+    assert 0.0 <= summary['accuracy'] <= 1.0 and summary['step'] == 12
+    exported = flatten(load_export(str(tmp_path))[0]['params'])
+    source = flatten(train.load_pretrained(config)['params'])
+    assert new_leaf in exported and new_leaf not in source
+    # Regime 'new' leaves the whole pretrained ViT as it was; 'block1_new' the blocks below block1.
+    frozen = {'new': lambda path: path[0] != 'head', 'block1_new': lambda path: path[0] in ('embedding', 'block0'),
+              'all': lambda path: False}[regime]
+    for path, leaf in source.items():
+        if frozen(path):
+            np.testing.assert_array_equal(exported[path], leaf, err_msg='/'.join(path))
+    if regime != 'new':  # and the layers it trains moved
+        assert any(not np.array_equal(exported[path], leaf) for path, leaf in source.items()
+                   if not frozen(path) and path[0] != 'head')
+
+
+def test_a_cnn_only_or_vit_only_setting_is_refused_by_name(tiny_config, tiny_vit_config):
+    config = tiny_config('heads')
+    with pytest.raises(UserError, match="growth.method='heads' applies to ViTs only"):
+        train.build_model(config, 24)
+    config = tiny_vit_config('wa')
+    config.growth.widen = 'fc7=4'
+    with pytest.raises(config_lib.ConfigError, match='config.growth.widen is for CNNs'):
+        train.build_model(config, 24)
+    config = tiny_vit_config('wa')
+    config.train.regime = 'fc7_new'
+    with pytest.raises(config_lib.ConfigError, match="config.train.regime: Unknown regime 'fc7_new'"):
+        train.train_and_evaluate(config, '/tmp/never-created')

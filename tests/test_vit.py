@@ -165,7 +165,8 @@ def test_a_growth_spec_is_refused():
         models.get('vit', num_classes=2, growth=Growth.wa(8))
 
 
-def test_fused_attention_equals_flax_unfused_attention():
+def test_fused_attention_equals_flax_unfused_attention(monkeypatch):
+    monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')  # the fused branch, as on a GPU
     rng = np.random.default_rng(0)
     query, key, value = (jnp.asarray(rng.standard_normal((2, 17, 2, 16)), jnp.float32) for _ in range(3))
     np.testing.assert_allclose(vit.fused_attention(query, key, value),
@@ -178,6 +179,9 @@ def test_the_model_attends_through_jax_fused_kernel_and_equals_the_unfused_model
     calls = []
     fused_kernel = jax.nn.dot_product_attention
     monkeypatch.setattr(jax.nn, 'dot_product_attention', lambda *a, **k: calls.append(1) or fused_kernel(*a, **k))
+    model.apply(variables, _images())
+    assert not calls  # on CPU, where jax has no fused kernel, flax's einsums (faster there)
+    monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
     fused = model.apply(variables, _images())
     assert len(calls) == DEPTH  # one fused call per block
     monkeypatch.setattr(vit, 'fused_attention', fnn.dot_product_attention)  # flax's own, unfused

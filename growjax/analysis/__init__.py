@@ -58,6 +58,11 @@ def group_logits(inputs: Mapping[str, jax.Array], classifier: Mapping) -> dict[s
     return logits
 
 
+def has_groups(intermediates: Mapping, params: Mapping) -> bool:
+    """Whether the model sows its classifier's unit groups (growjax's fc heads do; a ViT does not)."""
+    return 'classifier' in params and bool(classifier_inputs(intermediates))
+
+
 def cooperation_accuracies(intermediates: Mapping, classifier: Mapping, labels: jax.Array) -> dict[str, jax.Array]:
     """{'cooperation/<group>': accuracy reading only that group, 'cooperation/all': reading all}."""
     logits = group_logits(classifier_inputs(intermediates), classifier)
@@ -94,9 +99,9 @@ def analyse(model, variables: Mapping, reference_params: Mapping | None, images:
     logits, state = model.apply(variables, images, train=False, mutable=['intermediates'])
     params = variables['params']
     losses = -jnp.take_along_axis(jax.nn.log_softmax(logits.astype(jnp.float32)), labels[:, None], -1)
-    values = {'accuracy': jnp.mean(jnp.argmax(logits, -1) == labels), 'loss': jnp.mean(losses),
-              **cooperation_accuracies(state['intermediates'], params['classifier'], labels),
-              **unit_scales(params)}
+    values = {'accuracy': jnp.mean(jnp.argmax(logits, -1) == labels), 'loss': jnp.mean(losses), **unit_scales(params)}
+    if has_groups(state['intermediates'], params):
+        values.update(cooperation_accuracies(state['intermediates'], params['classifier'], labels))
     if reference_params is not None:
         values.update(relative_change(params, reference_params))
     return values
@@ -140,7 +145,9 @@ def hooks() -> list:
 def masked_correct(model, variables: Mapping, batch: Mapping) -> dict[str, jax.Array]:
     """{group: correct predictions reading only that group, 'all': reading all, 'count': examples}
     summed over a padded eval batch's real examples (mask 1)."""
-    _, state = model.apply(variables, batch['image'], train=False, mutable=['intermediates'])
+    logits, state = model.apply(variables, batch['image'], train=False, mutable=['intermediates'])
+    if not has_groups(state['intermediates'], variables['params']):
+        return {'count': masked_sums(logits, batch)['count']}
     logits = group_logits(classifier_inputs(state['intermediates']), variables['params']['classifier'])
     sums = {group: masked_sums(value, batch) for group, value in logits.items()}
     return {**{group: s['correct'] for group, s in sums.items()}, 'count': sums[ALL_GROUPS]['count']}

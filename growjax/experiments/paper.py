@@ -19,7 +19,7 @@ import json
 import os
 import sys
 import time
-from typing import Sequence
+from typing import Callable, Sequence
 
 import ml_collections
 import numpy as np
@@ -44,11 +44,6 @@ QUICK = dataclasses.replace(FULL, tasks=(('growjax_greek', 1),), regimes=('new',
                             learning_rates=(0.003, 0.01), steps=30, eval_every=10)
 
 
-def paper_variants(units: int) -> dict[str, Variant]:
-    return {name: Variant(name, name, (('growth.units', units),) if methods.METHODS[name].grows else ())
-            for name in PAPER_METHODS}
-
-
 def lora_variant(rank: int) -> Variant:
     return Variant(f'lora_r{rank}', LORA, (('growth.lora_rank', rank),), label_suffix=f' r={rank}')
 
@@ -60,17 +55,22 @@ def parameter_counts(base, variants: Sequence[Variant], num_classes: int) -> dic
 
 def matched_lora_rank(base, units: int, num_classes: int) -> int:
     """The LoRA rank whose adapters add about as many parameters as WA's new units do."""
-    paper = paper_variants(units)
-    counts = parameter_counts(base, [paper['finetune'], paper['wa'], lora_variant(1)], num_classes)
+    variants = [Variant('finetune', 'finetune'), Variant('wa', 'wa', (('growth.units', units),)), lora_variant(1)]
+    counts = parameter_counts(base, variants, num_classes)
     return max(1, round((counts['wa'] - counts['finetune']) / (counts['lora_r1'] - counts['finetune'])))
 
 
 def all_variants(settings: Settings, base, num_classes: int) -> list[Variant]:
-    paper = paper_variants(settings.units)
-    variants = [paper[name] for name in PAPER_METHODS if name in settings.methods]
-    if LORA in settings.methods:
-        matched = matched_lora_rank(base, settings.units, num_classes)
-        variants += [lora_variant(rank) for rank in sorted({matched, settings.lora_small_rank}, reverse=True)]
+    """The settings' methods (growjax.methods names) in their order, growing S units each; 'lora' at the
+    rank matching WA's added parameters and at the small rank."""
+    variants = []
+    for name in settings.methods:
+        if name == LORA:
+            matched = matched_lora_rank(base, settings.units, num_classes)
+            variants += [lora_variant(rank) for rank in sorted({matched, settings.lora_small_rank}, reverse=True)]
+        else:
+            variants.append(Variant(name, name, (('growth.units', settings.units),) if methods.METHODS[name].grows
+                                    else ()))
     return variants
 
 
@@ -199,12 +199,25 @@ def parse_tasks(spec: str) -> tuple[tuple[str, int], ...]:
     return tuple(tasks)
 
 
-def main(argv: Sequence[str]) -> int:
+@dataclasses.dataclass(frozen=True)
+class Command:
+    """An experiment command: its settings (full and --quick), the regimes it allows, its report."""
+    module: str  # python -m <module>
+    full: Settings
+    quick: Settings
+    regimes: tuple[str, ...]
+    write_report: Callable  # (experiment, settings, base, docs_dir, *, command, seconds) -> path
+
+
+PAPER = Command('growjax.experiments.paper', FULL, QUICK, REGIMES, report.write_report)
+
+
+def main(argv: Sequence[str], command: Command = PAPER) -> int:
     from absl import flags
     from absl import logging as absl_logging
     absl_logging.set_verbosity(absl_logging.WARNING)  # orbax and tfds log every file at INFO
     flags_ = flags.FLAGS
-    settings = QUICK if flags_.quick else FULL
+    settings = command.quick if flags_.quick else command.full
     overrides = {}
     if flags_.tasks:
         overrides['tasks'] = parse_tasks(flags_.tasks)
@@ -218,37 +231,38 @@ def main(argv: Sequence[str]) -> int:
     if flags_.learning_rates:
         overrides['learning_rates'] = tuple(float(lr) for lr in flags_.learning_rates)
     settings = dataclasses.replace(settings, **overrides)
-    unknown = set(settings.methods) - {*PAPER_METHODS, LORA}
-    if unknown or not set(settings.regimes) <= set(REGIMES) or settings.sweep_seeds > settings.seeds:
-        print(f'error: methods must be among {[*PAPER_METHODS, LORA]}, regimes among {list(REGIMES)}, '
+    unknown = set(settings.methods) - set(methods.METHODS)
+    if unknown or not set(settings.regimes) <= set(command.regimes) or settings.sweep_seeds > settings.seeds:
+        print(f'error: methods must be among {list(methods.METHODS)}, regimes among {list(command.regimes)}, '
               'and sweep_seeds <= seeds.', file=sys.stderr)
         return 2
     docs_dir = flags_.docs or (os.path.join(flags_.workdir, 'docs') if flags_.quick else 'docs')
     started = time.perf_counter()
     experiment = run_experiment(flags_.config, settings, flags_.workdir)
     del argv  # absl strips the flags from it; the report shows the command as typed
-    command = ' '.join(['python -m growjax.experiments.paper', *sys.argv[1:]])
-    path = report.write_report(experiment, settings, flags_.config, docs_dir, command=command.strip(),
-                               seconds=time.perf_counter() - started)
+    typed = ' '.join([f'python -m {command.module}', *sys.argv[1:]])
+    path = command.write_report(experiment, settings, flags_.config, docs_dir, command=typed.strip(),
+                                seconds=time.perf_counter() - started)
     print(f'{path} written ({experiment["computed"]} groups computed, the rest reused) in '
           f'{time.perf_counter() - started:.0f} s.')
     return 0
 
 
-def define_flags() -> None:
+def define_flags(command: Command = PAPER, config: ml_collections.ConfigDict | None = None) -> None:
     from absl import flags
     from ml_collections import config_flags
-    flags.DEFINE_string('workdir', 'workdirs/paper', 'Where finished groups (runs/) are kept and reused.')
-    flags.DEFINE_bool('quick', False, 'Smoke run: 1 seed, 2 learning rates, 30 steps, Greek 1-shot, regimes new and all.')
+    default_workdir = 'workdirs/' + command.module.rsplit('.', 1)[-1]
+    flags.DEFINE_string('workdir', default_workdir, 'Where finished groups (runs/) are kept and reused.')
+    flags.DEFINE_bool('quick', False, 'Smoke run: fewer tasks, seeds, learning rates, steps and regimes.')
     flags.DEFINE_string('docs', None, 'Folder for results.md and figures/ (default docs/, with --quick WORKDIR/docs).')
     flags.DEFINE_string('tasks', None, "Override the tasks, 'dataset:shots,...'.")
-    flags.DEFINE_list('methods', None, f'Override the methods: some of {[*PAPER_METHODS, LORA]}.')
-    flags.DEFINE_list('regimes', None, f'Override the regimes: some of {list(REGIMES)}.')
+    flags.DEFINE_list('methods', None, f'Override the methods: some of {list(methods.METHODS)}.')
+    flags.DEFINE_list('regimes', None, f'Override the regimes: some of {list(command.regimes)}.')
     flags.DEFINE_integer('seeds', None, 'Override the number of seeds.')
     flags.DEFINE_integer('sweep_seeds', None, 'Override how many seeds select the learning rate.')
     flags.DEFINE_integer('steps', None, 'Override the training steps per run.')
     flags.DEFINE_list('learning_rates', None, 'Override the learning-rate sweep.')
-    config_flags.DEFINE_config_dict('config', config_lib.base_config(),
+    config_flags.DEFINE_config_dict('config', config or config_lib.base_config(),
                                     'growjax settings every run starts from (growjax/config_lib.py).')
 
 

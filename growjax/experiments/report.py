@@ -116,9 +116,9 @@ class Results:
 # Tables
 
 
-def table_by_regime(results: Results, task) -> str:
-    rows = ['| method | ' + ' | '.join(results.settings.regimes) + ' | paper, SUN-397, `all` |',
-            '|---' * (len(results.settings.regimes) + 2) + '|']
+def table_by_regime(results: Results, task, paper_column: bool = True) -> str:
+    rows = ['| method | ' + ' | '.join(results.settings.regimes) + (' | paper, SUN-397, `all` |' if paper_column else ' |'),
+            '|---' * (len(results.settings.regimes) + 1 + paper_column) + '|']
     for method in results.methods:
         cells = []
         for regime in results.settings.regimes:
@@ -128,7 +128,8 @@ def table_by_regime(results: Results, task) -> str:
             else:
                 cells.append(mean_std(values.values()) if values else '')
         paper = PAPER_SUN397_ALL.get(method.name)
-        rows.append(f'| {method.label} | ' + ' | '.join(cells) + f' | {paper if paper else "—"} |')
+        rows.append(f'| {method.label} | ' + ' | '.join(cells) + (f' | {paper if paper else "—"} |' if paper_column
+                                                                   else ' |'))
     return '\n'.join(rows)
 
 
@@ -539,6 +540,115 @@ def write_report(experiment: dict, settings: Settings, base, docs_dir: str, *, c
         '',
     ]
     path = os.path.join(docs_dir, 'results.md')
+    vit = open(path).read().partition(VIT_BEGIN)[2].partition(VIT_END)[0] if os.path.exists(path) else ''
     with open(path, 'w') as f:
         f.write('\n'.join(lines))
+    splice(path, vit or None)  # the ViT section, written by its own command, stays
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# The ViT section of results.md (growjax.experiments.vit)
+
+VIT_BEGIN, VIT_END = '<!-- vit:begin (written by python -m growjax.experiments.vit) -->', '<!-- vit:end -->'
+
+
+def splice(path: str, section: str | None) -> None:
+    """Puts `section` (None: the one already there, if any) between the ViT markers at the end of `path`."""
+    text = open(path).read() if os.path.exists(path) else '# growjax results\n'
+    before, found, rest = text.partition(VIT_BEGIN)
+    old = rest.partition(VIT_END)[0] if found else None
+    section = section if section is not None else old
+    if section is None:
+        return
+    with open(path, 'w') as f:
+        f.write(before.rstrip('\n') + f'\n\n{VIT_BEGIN}\n{section.strip()}\n{VIT_END}\n')
+
+
+def vit_claims(results: Results) -> list[Claim]:
+    """Each growth of the ViT against fine-tuning, normalisation, wider vs deeper, and LoRA (regime all)."""
+    found = []
+    for method in [m.name for m in results.methods if m.grows]:
+        if results.has(method, 'finetune'):
+            main = results.compare(method, 'finetune')
+            found.append(Claim(f'{results.labels[method]} beats fine-tuning (regime `all`)', verdict(main),
+                               f'{results.labels[method]} − fine-tune: {per_task(results, main)}.'))
+    if results.has('wa', 'wa_ori'):
+        main = results.compare('wa', 'wa_ori')
+        found.append(Claim('Normalisation and scaling help where old and new units meet (WA-grow vs WA-ori)',
+                           verdict(main), f'WA-grow − WA-ori: {per_task(results, main)}.'))
+    if results.has('wa', 'da'):
+        main = results.compare('wa', 'da')
+        found.append(Claim('Widening beats deepening (WA-grow vs DA)', verdict(main), f'WA-grow − DA: {per_task(results, main)}.'))
+    growth = [m.name for m in results.methods if m.grows and m.name != 'wa_ori']
+    for lora in results.lora_names():
+        for regime in ('new', 'all'):
+            if regime not in results.settings.regimes or not growth:
+                continue
+            best = max(growth, key=lambda m: np.mean([np.mean(list(results.values(t, m).values()) or [0])
+                                                      for t in results.tasks]))
+            pairs = [paired(results.values(t, best), results.values(t, lora, regime)) for t in results.tasks]
+            found.append(Claim(f'The best growth ({results.labels[best]}, `all`) beats {results.labels[lora]} '
+                               f'(`{regime}`)', verdict(pairs),
+                               f'{results.labels[best]} − {results.labels[lora]}: {per_task(results, pairs)}.'))
+    return found
+
+
+def vit_section(experiment: dict, settings: Settings, base, docs_dir: str, *, command: str, seconds: float) -> str:
+    """The markdown of the ViT results, with its learning-curve figure written to docs_dir/figures."""
+    results = Results(experiment, settings)
+    figures_dir = os.path.join(docs_dir, FIGURE_DIR)
+    os.makedirs(figures_dir, exist_ok=True)
+    figure = figure_learning_curves(results, os.path.join(figures_dir, 'vit_learning_curves.png'))
+    v = base.model.vit
+    sizes = ', '.join(f'{key} {v[key]}' for key in ('width', 'depth', 'mlp_dim', 'num_heads') if v[key]) or 'its sizes'
+    compute_seconds = sum(group.get('seconds', 0.0) for group in results.groups.values())
+    task_order = ', '.join(task_name(*t) for t in results.tasks)
+    s = settings
+    lines = [
+        '## Vision transformer',
+        '',
+        f'Written by `{command}` on {datetime.date.today()}: {seconds / 60:.1f} min for this invocation '
+        f'({experiment["computed"]} of {len(results.groups)} groups computed; all groups took {compute_seconds / 60:.1f} '
+        f'min, plus {experiment["pretrain_seconds"] / 60:.1f} min to load or train the source model). Versions: '
+        f'{versions()}.',
+        '',
+        f'- Source model: growjax\'s ViT (variant `{v.variant}`; {sizes}; `{v.pool_type}` pooling) trained from '
+        f'scratch on the rendered Latin letters with AdamW ({base.init.pretrain_steps} steps; cached).',
+        f'- Growth through `growjax.surgery` (growjax/methods.py): WA widens the MLP hidden layer of the top '
+        f'{base.growth.blocks} block(s) by S = {s.units} units (NormScale where they meet fc2; WA-ori without), DA adds '
+        f'{base.growth.blocks} encoder block(s) on top starting as the identity, "more heads" adds {base.growth.heads} '
+        'heads to the top block(s) (NormScale where the output projection reads old and new heads), LoRA adapts '
+        'every attention projection (at the rank matching WA\'s added parameters, and a small one).',
+        f'- Protocol as for the CNN above: targets {task_order}; {s.steps} SGD steps of batch {s.batch_size} '
+        f'(momentum {base.train.momentum}, new leaves at {base.train.new_lr_multiplier:g}x); every (method, regime, '
+        f'task) sweeps {list(s.learning_rates)} and the rate with the best validation accuracy over seeds '
+        f'{list(range(s.sweep_seeds))} is chosen; test accuracy is mean ± std over seeds {list(range(s.seeds))}, '
+        'paired (the same examples, batches and crops for every method).',
+        f'- Regimes: {", ".join(f"`{r}`" for r in s.regimes)} (`blockK_new`: block K and every layer above it, '
+        'plus all new leaves).',
+        '',
+        '### Test accuracy (%) by method and regime',
+        '',
+    ]
+    for task in results.tasks:
+        lines += [f'#### {task_name(*task)}', '', table_by_regime(results, task, paper_column=False), '']
+    found = vit_claims(results)
+    lines += [
+        '### Chosen learning rates', '', learning_rate_table(results), '', sweep_summary(results), '',
+        '### Parameters', '', parameter_table(experiment, results), '',
+        '### Verdicts', '', CLAIMS_INTRO, '', '| claim | verdict |', '|---|---|',
+        *[f'| {i}. {claim.title} | {claim.verdict} |' for i, claim in enumerate(found, 1)], '',
+        *[f'**{i}. {claim.title}.** {claim.evidence}\n' for i, claim in enumerate(found, 1)],
+        f'![vit_learning_curves]({FIGURE_DIR}/{os.path.basename(figure)})', '',
+        'Learning curves of every method on the ViT (validation accuracy, regime `all`).', '',
+        '```bash', command, '```', '',
+    ]
+    return '\n'.join(lines)
+
+
+def write_vit_section(experiment: dict, settings: Settings, base, docs_dir: str, *, command: str,
+                      seconds: float) -> str:
+    path = os.path.join(docs_dir, 'results.md')
+    splice(path, vit_section(experiment, settings, base, docs_dir, command=command, seconds=seconds))
     return path
