@@ -134,3 +134,21 @@ def test_quick_mode_end_to_end(data_dir, tmp_path):
     for name in ('cooperation', 'learning_curves', 'scales', 'parameter_change'):
         size = os.path.getsize(os.path.join(workdir, 'docs', 'figures', f'{name}.png'))
         assert 1000 < size < 200_000, (name, size)
+
+
+def test_sections_of_other_commands_survive_a_rewrite_of_results_md(tmp_path):
+    path = str(tmp_path / 'results.md')
+    with open(path, 'w') as f:
+        f.write('# paper\ntext\n')
+    report.splice(path, 'map', 'MAP 1')
+    report.splice(path, 'vit', 'VIT 1')
+    report.splice(path, 'map', 'MAP 2')
+    text = open(path).read()
+    assert text.startswith('# paper\ntext') and 'MAP 1' not in text
+    assert text.index('VIT 1') < text.index('MAP 2')  # in report.SECTIONS order, whatever wrote first
+    kept = report.sections_of(path)
+    with open(path, 'w') as f:  # what write_report does: the paper's part anew, the others kept
+        f.write('# paper, regenerated\n')
+    report.splice(path, keep=kept)
+    assert report.sections_of(path) == {'vit': 'VIT 1', 'map': 'MAP 2'}
+    assert open(path).read().startswith('# paper, regenerated')

@@ -540,29 +540,50 @@ def write_report(experiment: dict, settings: Settings, base, docs_dir: str, *, c
         '',
     ]
     path = os.path.join(docs_dir, 'results.md')
-    vit = open(path).read().partition(VIT_BEGIN)[2].partition(VIT_END)[0] if os.path.exists(path) else ''
+    kept = sections_of(path)  # the sections other commands wrote stay
     with open(path, 'w') as f:
         f.write('\n'.join(lines))
-    splice(path, vit or None)  # the ViT section, written by its own command, stays
+    splice(path, keep=kept)
     return path
 
 
 # ---------------------------------------------------------------------------------------------
 # The ViT section of results.md (growjax.experiments.vit)
 
-VIT_BEGIN, VIT_END = '<!-- vit:begin (written by python -m growjax.experiments.vit) -->', '<!-- vit:end -->'
+def markers(name: str) -> tuple[str, str]:
+    """The comments that delimit section `name` of results.md, written by its own command."""
+    return f'<!-- {name}:begin (written by python -m growjax.experiments.{name}) -->', f'<!-- {name}:end -->'
 
 
-def splice(path: str, section: str | None) -> None:
-    """Puts `section` (None: the one already there, if any) between the ViT markers at the end of `path`."""
+SECTIONS = ('vit', 'map')  # sections other commands write into results.md, in this order after the paper's
+
+
+def sections_of(path: str) -> dict[str, str]:
+    """{name: text} of the sections written by other commands that `path` holds."""
+    text = open(path).read() if os.path.exists(path) else ''
+    found = {}
+    for name in SECTIONS:
+        begin, end = markers(name)
+        if begin in text:
+            found[name] = text.partition(begin)[2].partition(end)[0].strip()
+    return found
+
+
+def splice(path: str, name: str | None = None, section: str | None = None, keep: dict[str, str] | None = None) -> None:
+    """Rewrites the sections after the paper's in `path`: `name`'s with `section`, the others as `keep`
+    (default: as `path` holds them), in SECTIONS order."""
+    sections = sections_of(path) if keep is None else dict(keep)
+    if name is not None:
+        sections[name] = section.strip()
     text = open(path).read() if os.path.exists(path) else '# growjax results\n'
-    before, found, rest = text.partition(VIT_BEGIN)
-    old = rest.partition(VIT_END)[0] if found else None
-    section = section if section is not None else old
-    if section is None:
-        return
+    first = min((text.index(markers(n)[0]) for n in SECTIONS if markers(n)[0] in text), default=len(text))
+    parts = [text[:first].rstrip('\n')]
+    for n in SECTIONS:
+        if n in sections:
+            begin, end = markers(n)
+            parts.append(f'{begin}\n{sections[n]}\n{end}')
     with open(path, 'w') as f:
-        f.write(before.rstrip('\n') + f'\n\n{VIT_BEGIN}\n{section.strip()}\n{VIT_END}\n')
+        f.write('\n\n'.join(parts) + '\n')
 
 
 def vit_claims(results: Results) -> list[Claim]:
@@ -650,5 +671,5 @@ def vit_section(experiment: dict, settings: Settings, base, docs_dir: str, *, co
 def write_vit_section(experiment: dict, settings: Settings, base, docs_dir: str, *, command: str,
                       seconds: float) -> str:
     path = os.path.join(docs_dir, 'results.md')
-    splice(path, vit_section(experiment, settings, base, docs_dir, command=command, seconds=seconds))
+    splice(path, 'vit', vit_section(experiment, settings, base, docs_dir, command=command, seconds=seconds))
     return path
