@@ -63,12 +63,22 @@ def model_description(config: ml_collections.ConfigDict, num_classes: int) -> di
 # Pretrained weights
 
 
+# Config keys that do not change what a run computes (the built-in datasets are deterministic, so
+# their data_dir does not either); the source model's cache key leaves them out.
+UNSHAPING_KEYS = {'train': ('progress', 'log_every', 'eval_every', 'checkpoint_every', 'max_to_keep', 'eval_batch_size',
+                            'analysis'),
+                  'data': ('data_dir',)}
+
+
 def builtin_pretrained_dir(config: ml_collections.ConfigDict) -> str:
     """The cache folder of the built-in source model: a hash of everything that shapes it."""
     pretrain = config_lib.pretrain_config(config)
     shaping = {k: pretrain[k].to_dict() for k in ('model', 'growth', 'data', 'train')} | {'seed': pretrain.seed}
     if pretrain.model.name != 'vit':
         del shaping['model']['vit']  # the ViT's settings do not shape a CNN
+    for section, keys in UNSHAPING_KEYS.items():  # how a run is watched or where its data sit: not its result
+        for key in keys:
+            shaping[section].pop(key, None)
     key = json.dumps(shaping, sort_keys=True, default=str)
     digest = hashlib.sha256(key.encode()).hexdigest()[:12]
     return os.path.join(config.init.cache_dir, 'pretrained', f'{config.model.name}_latin_{digest}')

@@ -100,7 +100,7 @@ def analyse(model, variables: Mapping, reference_params: Mapping | None, images:
     params = variables['params']
     losses = -jnp.take_along_axis(jax.nn.log_softmax(logits.astype(jnp.float32)), labels[:, None], -1)
     values = {'accuracy': jnp.mean(jnp.argmax(logits, -1) == labels), 'loss': jnp.mean(losses), **unit_scales(params)}
-    if has_groups(state['intermediates'], params):
+    if has_groups(state.get('intermediates', {}), params):
         values.update(cooperation_accuracies(state['intermediates'], params['classifier'], labels))
     if reference_params is not None:
         values.update(relative_change(params, reference_params))
@@ -146,7 +146,7 @@ def masked_correct(model, variables: Mapping, batch: Mapping) -> dict[str, jax.A
     """{group: correct predictions reading only that group, 'all': reading all, 'count': examples}
     summed over a padded eval batch's real examples (mask 1)."""
     logits, state = model.apply(variables, batch['image'], train=False, mutable=['intermediates'])
-    if not has_groups(state['intermediates'], variables['params']):
+    if not has_groups(state.get('intermediates', {}), variables['params']):
         return {'count': masked_sums(logits, batch)['count']}
     logits = group_logits(classifier_inputs(state['intermediates']), variables['params']['classifier'])
     sums = {group: masked_sums(value, batch) for group, value in logits.items()}
