@@ -560,3 +560,43 @@ def test_preserving_growth_property(width, units, heads, mlp, seed):
     assert grown['params']['attn']['extra_heads']['query']['kernel'].shape == (width, heads, width // 2)
     np.testing.assert_allclose(grown_model.clone(preserve_function=True).apply(grown, x), model.apply(pretrained, x),
                                atol=1e-5)
+
+
+class CausalSelfAttention(nn.Module):
+    """A user's own attention (nanoGPT-style, with separate Dense projections and its own causal mask)."""
+    num_heads: int = 2
+
+    @nn.compact
+    def __call__(self, x):
+        width = x.shape[-1]
+        head_dim = width // self.num_heads
+        split = lambda t: t.reshape(*t.shape[:-1], self.num_heads, head_dim)
+        q, k, v = (split(nn.Dense(width, name=name)(x)) for name in ('query', 'key', 'value'))
+        scores = jnp.einsum('bqhd,bkhd->bhqk', q, k) / jnp.sqrt(head_dim)
+        causal = jnp.tril(jnp.ones((x.shape[1], x.shape[1]), bool))
+        weights = jax.nn.softmax(jnp.where(causal, scores, -1e9), axis=-1)
+        context = jnp.einsum('bhqk,bkhd->bqhd', weights, v)
+        return nn.Dense(width, name='out')(context.reshape(*x.shape[:-1], width))
+
+
+class TinyCausalLM(nn.Module):
+    @nn.compact
+    def __call__(self, tokens):
+        x = nn.Embed(40, 16, name='wte')(tokens)
+        x = x + CausalSelfAttention(name='attn')(nn.LayerNorm()(x))
+        return nn.Dense(40, name='lm_head')(x)
+
+
+def test_heads_on_a_users_own_attention_with_dense_projections():
+    model = TinyCausalLM()
+    pretrained = model.init(jax.random.key(1), TOKENS)
+    grown_model = surgery.grow(model, [surgery.AddHeads('attn', heads=2, causal=True)])  # head_dim from num_heads
+    grown = growjax.grow_params(pretrained, grown_model, jax.random.key(2), TOKENS)
+    assert_pretrained_leaves_copied(pretrained, grown)
+    assert grown['params']['attn']['extra_heads']['query']['kernel'].shape == (16, 2, 8)
+    assert grown['params']['attn']['out']['from_extra_heads']['kernel'].shape == (16, 16)  # 2 heads x 8 -> 16
+    changed = TOKENS.at[:, 5:].set((TOKENS[:, 5:] + 7) % 40)
+    before, after = grown_model.apply(grown, TOKENS), grown_model.apply(grown, changed)
+    np.testing.assert_allclose(before[:, :5], after[:, :5], atol=1e-6)  # causal=True masks the new heads too
+    preserved = growjax.grow_params(pretrained, grown_model, jax.random.key(2), TOKENS, preserve_function=True)
+    assert surgery.report(grown_model, pretrained, preserved, TOKENS).max_abs_difference <= 1e-5
