@@ -89,7 +89,7 @@ from flax.linen import dtypes as linen_dtypes
 from growjax.grow import compile_patterns, pure
 from growjax.nn import l2_normalize_groups, lecun_normal_flat
 from growjax.surgery import (_OPERATIONS, COPY, AddHeads, Deepen, InsertAfter, LoRA, Operation, SurgeryError, Widen,
-                             _kind, _sample, _suffix, describe)
+                             _kind, _sample, _suffix, activated_units, describe)
 
 __all__ = ['NormScale', 'grow', 'module_paths', 'on_pure_dicts']
 
@@ -658,13 +658,8 @@ def _run_consumer(module, role: _Role, call, *args, **kwargs):
         return call(*args, **kwargs)
     op: Widen = role.op
     producer, units = scope.pending.pop(key)
-    units = units if op.activation is None else op.activation(units)
     old = args[0]
-    if old.shape[:-1] != units.shape[:-1]:
-        raise SurgeryError(
-            f'{describe(op)}: {role.path} reads shape {old.shape}, but the new units of {producer} have shape '
-            f'{units.shape}: the two must differ only in the last (feature) axis, i.e. reach the consumer '
-            'through per-unit operations only (an activation, a BatchNorm named in `through`).')
+    units = activated_units(op, role.path, producer, old, units)
     norm_name, fan_in_name = role.attrs
     if norm_name is None:
         scaled_old, scaled_new = old, units

@@ -387,13 +387,8 @@ class _Call:
             return call(*args, **kwargs)
         path = '/'.join(module.path)
         producer, units = self.pending.pop(index)
-        units = units if op.activation is None else op.activation(units)
+        units = activated_units(op, path, producer, args[0], units)
         old = args[0]
-        if old.shape[:-1] != units.shape[:-1]:
-            raise SurgeryError(
-                f'{describe(op)}: {path} reads shape {old.shape}, but the new units of {producer} have shape '
-                f'{units.shape}: the two must differ only in the last (feature) axis, i.e. reach the consumer '
-                'through per-unit operations only (an activation, a BatchNorm named in `through`).')
         if self.preserve or not op.norm_scale:
             scaled_old, scaled_new = old, units
         else:
@@ -544,6 +539,18 @@ class _Call:
         x_flat, a, b = nn.dtypes.promote_dtype(x_flat, a, b, dtype=module.dtype)
         delta = ((x_flat @ a) @ b).reshape(*x_flat.shape[:-1], *out_shape)
         return y + delta.astype(y.dtype)
+
+
+def activated_units(op: Widen, consumer: str, producer: str, old: jax.Array, units: jax.Array) -> jax.Array:
+    """The new units as the consumer reads them (after the activation), checked against what it
+    reads of the old ones: they must differ only in the feature axis."""
+    units = units if op.activation is None else op.activation(units)
+    if old.shape[:-1] != units.shape[:-1]:
+        raise SurgeryError(
+            f'{describe(op)}: {consumer} reads shape {old.shape}, but the new units of {producer} have shape '
+            f'{units.shape}: the two must differ only in the last (feature) axis, i.e. reach the consumer '
+            'through per-unit operations only (an activation, a BatchNorm named in `through`).')
+    return units
 
 
 def _bind(method, index, op, module, call):
