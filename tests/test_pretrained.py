@@ -424,3 +424,12 @@ def test_grown_model_from_converted_weights_trains(name, growth, regime):
         state, metrics = train_step(state, batch)
         losses.append(float(metrics['loss']))
     assert np.all(np.isfinite(losses)) and losses[-1] < losses[0], losses
+
+
+def test_vit_presets_read_a_vit_b16_at_224_in_minus_one_to_one():
+    config = config_lib.apply_preset(config_lib.vit_config(), 'vit_flowers102')
+    assert config.model.name == 'vit' and config.model.vit.variant == 'B/16' and config.model.vit.width == 0
+    assert config.data.image_size == 224 and (config.data.mean, config.data.std) == ((0.5,) * 3, (0.5,) * 3)
+    assert tuple(config.init.reinit) == ('^head/',) and config.model.dropout_rate == 0.0
+    with pytest.raises(config_lib.ConfigError, match='init.pretrained: a ViT-B/16 checkpoint'):
+        config_lib.validate(config)
