@@ -243,12 +243,11 @@ def _plain_conv(module: nn.Module) -> bool:
     return type(module) is nn.Conv and module.feature_group_count == 1
 
 
-def _dense_like(module: nn.Module, features: int, name: str, *, use_bias: bool, kernel_init=None,
-                bias_init=None) -> nn.Dense:
-    """An nn.Dense with `module`'s dtypes and initialisers, as a child `name` of `module`."""
+def _dense_like(module: nn.Module, features: int, name: str, *, use_bias: bool, kernel_init=None) -> nn.Dense:
+    """An nn.Dense with `module`'s dtypes and initialisers (or `kernel_init`), as a child `name` of `module`."""
     return nn.Dense(features, use_bias=use_bias, dtype=module.dtype, param_dtype=module.param_dtype,
                     precision=module.precision, kernel_init=kernel_init or module.kernel_init,
-                    bias_init=bias_init or module.bias_init, name=name, parent=module)
+                    bias_init=module.bias_init, name=name, parent=module)
 
 
 def _conv_like(module: nn.Conv, features: int, name: str, *, use_bias: bool, kernel_init=None) -> nn.Conv:
