@@ -18,7 +18,7 @@ import flax.linen as nn
 from growjax import surgery
 from growjax.errors import UserError
 from growjax.models.growth import Growth
-from growjax.models.vit import EncoderBlock
+from growjax.models.vit import EncoderBlock, gelu as vit_gelu  # the ViT's own exact GELU, for its new units
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,10 +64,6 @@ def _paper(preset: Callable[..., Growth], norm_scale: bool | None = None) -> Cal
 # and 'mlp/fc1' -> GELU -> 'mlp/fc2'): its MLP hidden layers play fc7's part, new blocks fc_a's.
 
 
-def gelu_exact(x):
-    return nn.gelu(x, approximate=False)
-
-
 def _top_blocks(settings, vit) -> range:
     depth = vit.dims.depth
     if settings.blocks > depth:
@@ -77,7 +73,7 @@ def _top_blocks(settings, vit) -> range:
 
 def _widen_mlp(vit, block: int, units: int, settings, norm_scale: bool) -> surgery.Widen:
     return surgery.Widen(f'block{block}/mlp/fc1', units=units, into=f'block{block}/mlp/fc2',
-                         activation=nn.gelu if vit.approximate_gelu else gelu_exact, norm_scale=norm_scale,
+                         activation=nn.gelu if vit.approximate_gelu else vit_gelu, norm_scale=norm_scale,
                          scale_init=settings.scale_init)
 
 
