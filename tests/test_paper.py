@@ -92,6 +92,10 @@ def test_paired_differences_and_verdicts():
     assert report.verdict([worse, worse, noisy]).startswith('not reproduced')
     assert report.verdict([noisy, noisy]).startswith('unclear')
     assert report.verdict([better, worse]).startswith('unclear')
+    # One significant task of three is not a majority, and nothing points the other way: not 'mixed'.
+    assert report.verdict([better, noisy, noisy]) == 'unclear at this scale (significantly ahead on 1 of 3 tasks only)'
+    assert report.verdict([noisy, worse, noisy]) == 'unclear at this scale (significantly behind on 1 of 3 tasks only)'
+    assert 'both directions' in report.verdict([better, worse, noisy])
 
 
 def test_finished_groups_are_reused_and_changed_settings_recomputed(data_dir, tmp_path):

@@ -81,7 +81,10 @@ def verdict(comparisons: Sequence[Paired]) -> str:
         return 'not reproduced (significantly the other way)'
     if not favour and not oppose:
         return 'unclear at this scale (no significant difference)'
-    return 'unclear at this scale (mixed: significant in both directions)'
+    if favour and oppose:
+        return 'unclear at this scale (mixed: significant in both directions)'
+    return (f'unclear at this scale (significantly {"ahead" if favour else "behind"} on '
+            f'{favour or oppose} of {len(comparisons)} tasks only)')
 
 
 class Results:
@@ -635,7 +638,8 @@ def vit_section(experiment: dict, settings: Settings, base, docs_dir: str, *, co
         f'{base.growth.blocks} block(s) by S = {s.units} units (NormScale where they meet fc2; WA-ori without), DA adds '
         f'{base.growth.blocks} encoder block(s) on top starting as the identity, "more heads" adds {base.growth.heads} '
         'heads to the top block(s) (NormScale where the output projection reads old and new heads), LoRA adapts '
-        'every attention projection (at the rank matching WA\'s added parameters, and a small one).',
+        'every attention projection (at the rank matching WA\'s added parameters'
+        f'{f", and at rank {s.lora_small_rank}" if s.lora_small_rank else ""}).',
         f'- Protocol as for the CNN above: targets {task_order}; {s.steps} SGD steps of batch {s.batch_size} '
         f'(momentum {base.train.momentum}, new leaves at {base.train.new_lr_multiplier:g}x); every (method, regime, '
         f'task) sweeps {list(s.learning_rates)} and the rate with the best validation accuracy over seeds '
