@@ -36,6 +36,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict()
     c.model.name = 'small_cnn'        # growjax.models.get name
     c.model.width = 1.0               # multiplies every layer's size
+    c.model.fc_width = 0              # small_cnn: units of fc6 and fc7 (0: 256 x width), the source model's capacity
     c.model.dropout_rate = 0.0
     c.model.dtype = 'float32'         # compute dtype: 'float32' or 'bfloat16' (params stay float32)
     c.model.vit = ml_collections.ConfigDict()  # model.name='vit' only (growjax.models.vit.ViT)
@@ -123,6 +124,7 @@ def pretrain_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
     c = base_config()
     c.seed = 0
     c.model.name, c.model.width, c.model.dropout_rate = config.model.name, config.model.width, config.model.dropout_rate
+    c.model.fc_width = config.model.fc_width
     c.model.vit = config.model.vit.copy_and_resolve_references()
     c.growth.method = 'scratch'
     c.init.pretrained = ''
@@ -197,6 +199,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
         parse_layer_counts(config.growth[key], f'growth.{key}')
     need(config.model.dtype in ('float32', 'bfloat16'), 'model.dtype', f"must be 'float32' or 'bfloat16', got {config.model.dtype!r}.")
     need(config.model.width > 0, 'model.width', f'must be positive, got {config.model.width}.')
+    need(config.model.fc_width >= 0, 'model.fc_width', f'must be >= 0 (0: 256 x model.width), got '
+         f'{config.model.fc_width}.')
+    need(not config.model.fc_width or config.model.name == 'small_cnn', 'model.fc_width',
+         f'sets the fc6/fc7 units of small_cnn only, not of {config.model.name!r}.')
     need(0 <= config.model.dropout_rate < 1, 'model.dropout_rate', f'must be in [0, 1), got {config.model.dropout_rate}.')
     need(config.data.image_size > 0, 'data.image_size', f'must be positive, got {config.data.image_size}.')
     need(config.data.shots_per_class >= 0, 'data.shots_per_class', f'must be >= 0, got {config.data.shots_per_class}.')

@@ -120,6 +120,10 @@ class NormScale(nn.Module):
     spatial position. A group that is all zero maps to zero with finite gradients. Each group's
     scale is its own leaf `scale_<i>`, so adding a group later (continual growth) adds a leaf
     instead of changing the shape of an existing one.
+
+    A constant gamma rescales the pretrained units: a group whose activations had norm ~30 leaves
+    NormScale with norm 10 * sqrt(units). `scales_from_data` (below) instead sets gamma from a real
+    batch after growth (not in the paper), e.g. so the old units start at their pretrained scale.
     """
     group_sizes: Sequence[int]
     scale_init: float = 10.0
@@ -133,6 +137,59 @@ class NormScale(nn.Module):
             scale = self.param(f'scale_{i}', nn.initializers.constant(self.scale_init), (size,), jnp.float32)
             outputs.append(group * scale.astype(group.dtype))
         return jnp.concatenate(outputs, axis=-1)
+
+
+SCALE_MODES = ('group', 'first')
+
+
+def scales_from_data(model: nn.Module, variables, *sample_args, mode: str = 'group', **apply_kwargs) -> dict:
+    """`variables` with the scales of every NormScale of `model` initialised from real data (not in
+    the paper: beyond it, growjax's option).
+
+    Runs `model.apply(variables, *sample_args, **apply_kwargs)` on a real batch and, for each
+    NormScale, measures the L2 norm of each of its input groups per example (and position), averaged
+    over the batch: mode 'group' sets every unit's gamma of group i to group i's mean norm, so the
+    pretrained units leave NormScale at about the scale they had before growth (and the new ones at
+    their own); mode 'first' gives every group the first (pretrained) group's mean norm, so old units
+    keep their scale and new units get as much weight as the old ones, as a constant gamma gives them.
+    A group with zero norm on the batch keeps its scale. NormScales are set in the order the forward
+    pass calls them, each measured with the ones before it already set (one pass each). Why after growth and not in NormScale's own
+    initialiser: grow_params computes new leaves with `model.init`, which never sees the pretrained
+    weights, so an initialiser there would measure a random network; here the grafted network is
+    measured. Pure and jittable (the norms are traced values of the same computation).
+    """
+    if mode not in SCALE_MODES:
+        raise ValueError(f'scales_from_data: mode must be one of {SCALE_MODES}, got {mode!r}.')
+    params = jax.tree_util.tree_map(lambda leaf: leaf, variables['params'])  # new dicts, the same leaves
+    done: set[tuple[str, ...]] = set()
+    while True:
+        # One forward pass per NormScale, in call order: a NormScale's input depends on the scales of
+        # the ones before it (WWA: fc7_plus reads [fc6, fc6_plus] through one), so each is measured after
+        # those before it are set.
+        norms: dict[tuple[str, ...], list[jax.Array]] = {}
+
+        def record(next_fun, args, kwargs, context):
+            module = context.module
+            if isinstance(module, NormScale) and context.method_name == '__call__':
+                boundaries = list(itertools.accumulate(module.group_sizes))[:-1]
+                groups = jnp.split(args[0].astype(jnp.float32), boundaries, axis=-1)
+                norms[tuple(module.path)] = [jnp.mean(jnp.sqrt(jnp.sum(jnp.square(g), axis=-1))) for g in groups]
+            return next_fun(*args, **kwargs)
+
+        with nn.intercept_methods(record):
+            model.apply({**variables, 'params': params}, *sample_args, **apply_kwargs)
+        pending = [path for path in norms if path not in done]
+        if not pending:
+            return {**variables, 'params': params}
+        path = pending[0]
+        done.add(path)
+        layer = params
+        for name in path:
+            layer = layer[name]
+        for i, norm in enumerate(norms[path]):
+            target = norms[path][0] if mode == 'first' else norm
+            old = layer[f'scale_{i}']
+            layer[f'scale_{i}'] = jnp.where(target > 0, jnp.full_like(old, target), old)
 
 
 class MultiInputDense(nn.Module):

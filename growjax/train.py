@@ -48,6 +48,8 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int):
     kwargs = {'width': config.model.width, 'dtype': dtype}
     if 'dropout_rate' in models.options(config.model.name):  # ResNets have no dropout
         kwargs['dropout_rate'] = config.model.dropout_rate
+    if config.model.fc_width:  # small_cnn's fc6/fc7 units (config_lib.validate checks the model)
+        kwargs['fc_width'] = config.model.fc_width
     return models.get(config.model.name, num_classes=num_classes, growth=growth, **kwargs)
 
 
@@ -56,6 +58,7 @@ def model_description(config: ml_collections.ConfigDict, num_classes: int) -> di
     return {'name': config.model.name, 'num_classes': num_classes, 'width': config.model.width,
             'dropout_rate': config.model.dropout_rate, 'growth': config.growth.to_dict(),
             'image_size': config.data.image_size,
+            **({'fc_width': config.model.fc_width} if config.model.fc_width else {}),
             **({'vit': config.model.vit.to_dict()} if config.model.name == 'vit' else {})}
 
 
@@ -76,6 +79,8 @@ def builtin_pretrained_dir(config: ml_collections.ConfigDict) -> str:
     shaping = {k: pretrain[k].to_dict() for k in ('model', 'growth', 'data', 'train')} | {'seed': pretrain.seed}
     if pretrain.model.name != 'vit':
         del shaping['model']['vit']  # the ViT's settings do not shape a CNN
+    if not shaping['model']['fc_width']:
+        del shaping['model']['fc_width']  # the default: source models cached before the key existed stay valid
     for section, keys in UNSHAPING_KEYS.items():  # how a run is watched or where its data sit: not its result
         for key in keys:
             shaping[section].pop(key, None)

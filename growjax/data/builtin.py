@@ -1,4 +1,5 @@
-"""Built-in offline datasets: rendered Latin (source) and Greek (target) letters, sklearn digits.
+"""Built-in offline datasets: rendered Latin (source) and Greek (target) letters, sklearn digits,
+and letters of other scripts (a harder, larger target).
 
 Why rendered letters: growing a pretrained net only pays off when pretraining helps, i.e. a large,
 varied source task and a small target task of *other* classes (docs/design.md, "Built-in offline data").
@@ -61,6 +62,21 @@ LATIN_FONTS = (
     'cmtt10.ttf',
     'cmmi10.ttf',
 )
+
+# A harder, larger, farther target: letters of other scripts. The letters of the Cyrillic
+# (U+0410-044F), Armenian (U+0531-0556, U+0561-0586) and Georgian (U+10D0-10FA) blocks that have a
+# glyph in at least SCRIPT_MIN_FONTS of the held-out GREEK_FONTS and that do not look like a Latin
+# or Greek letter or an earlier letter of the list (mean correlation of their 16x16 renderings over
+# the fonts both have <= SCRIPT_MAX_SIMILARITY): `select_script_chars()` recomputes the list
+# (tests/test_map.py checks it still does with the installed fonts); it is written out here so the
+# dataset's classes stay fixed. 36 Cyrillic, 56 Armenian, 39 Georgian letters.
+SCRIPT_MIN_FONTS = 3
+SCRIPT_MAX_SIMILARITY = 0.9
+SCRIPT_BLOCKS = ((0x410, 0x450), (0x531, 0x557), (0x561, 0x587), (0x10D0, 0x10FB))
+SCRIPT_CHARS = tuple(
+    'ДЖЗЙЛУФЦЧШЪЫЬЭЮЯбвгджзилмтфцчшъыьэюя'
+    'ԱԲԳԴԵԶԷԸԹԺԻԽԾԿՀՁՃՄՅՆՇՈՉՊՋՌՎՐՒՔՖաբդեէըթժլխծկձճմյնշչջվւփքֆ'
+    'აბგდეზთიკლმნოპჟრსტუფქღყშჩცწჭჯჰჱჲჳჴჵჶჸჹჺ')
 
 _EM = 0.8  # font size (em) as a fraction of the canvas
 _BASELINE = 0.75  # baseline row as a fraction of the canvas: keeps x-height vs cap-height cues
@@ -134,6 +150,51 @@ class _GlyphCache:
         cols = slice(max(left, 0), min(left + ink.shape[1], size))
         out[rows, cols] = ink[rows.start - top:rows.stop - top, cols.start - left:cols.stop - left]
         return out
+
+
+def script_fonts(char: str) -> tuple[str, ...]:
+    """The held-out fonts (GREEK_FONTS) that have a glyph for `char`."""
+    return tuple(font for font in GREEK_FONTS if _font(font).get_char_index(ord(char)))
+
+
+_FACES: dict[str, ft2font.FT2Font] = {}
+
+
+def _font(font: str) -> ft2font.FT2Font:
+    if font not in _FACES:
+        _FACES[font] = ft2font.FT2Font(os.path.join(FONT_DIR, font))
+    return _FACES[font]
+
+
+def select_script_chars() -> tuple[str, ...]:
+    """SCRIPT_CHARS as its rule defines them, from the installed fonts (see SCRIPT_CHARS)."""
+    cache = _GlyphCache(16)
+    k, crop = cache.factor, slice(cache.margin, cache.margin + cache.canvas)
+
+    def centred(font, char):
+        x = cache.get(font, char, 0)[crop, crop].astype(np.float32).reshape(16, k, 16, k).mean(axis=(1, 3)).ravel()
+        x -= x.mean()
+        norm = np.linalg.norm(x)
+        return x / norm if norm > 0 else x
+
+    def similar(char, fonts, other):
+        common = [f for f in fonts if _font(f).get_char_index(ord(other))]
+        return bool(common) and np.mean([centred(f, char) @ centred(f, other) for f in common]) > SCRIPT_MAX_SIMILARITY
+
+    kept = []
+    for start, stop in SCRIPT_BLOCKS:
+        for char in map(chr, range(start, stop)):
+            fonts = script_fonts(char)
+            if not unicodedata.category(char).startswith('L') or len(fonts) < SCRIPT_MIN_FONTS:
+                continue
+            if not any(similar(char, fonts, other) for other in (*LATIN_CHARS, *GREEK_CHARS, *kept)):
+                kept.append(char)
+    return tuple(kept)
+
+
+def script_class_names() -> tuple[str, ...]:
+    """ASCII names ('cyrillic_capital_letter_de', 'armenian_small_letter_ben', ...)."""
+    return tuple(unicodedata.name(c).lower().replace(' ', '_').replace('-', '_') for c in SCRIPT_CHARS)
 
 
 def _random_affines(rng: np.random.Generator, n: int, canvas: int, margin: int):
@@ -384,5 +445,40 @@ class GrowjaxDigits(_Builtin):
         return splits
 
 
+class GrowjaxScripts(_Builtin):
+    """Third target task: 131 letters of the Cyrillic, Armenian and Georgian scripts (SCRIPT_CHARS),
+    only in the held-out GREEK_FONTS: many classes, far from the Latin source, not nearly solved."""
+
+    DESCRIPTION = ('131 letters of the Cyrillic, Armenian and Georgian scripts that look like no Latin or Greek '
+                   'letter (SCRIPT_CHARS), rendered only in the fonts held out of growjax_latin that have them '
+                   '(at least 3 of GREEK_FONTS), same augmentations. A harder, larger few-shot target.')
+    CLASS_NAMES = script_class_names()
+    SPLITS = {'train': 50, 'validation': 10, 'test': 20}
+    SEED = 4000
+
+    def _images_to_render(self) -> int:
+        return sum(len(SCRIPT_CHARS) * self._per_class(count) for count in self.SPLITS.values())
+
+    def _arrays(self, on_images):
+        """Letters that share a set of fonts render together (render_glyphs draws one font per image
+        from its list); each split is then put back in class-major order."""
+        by_fonts: dict[tuple[str, ...], list[int]] = {}
+        for label, char in enumerate(SCRIPT_CHARS):
+            by_fonts.setdefault(script_fonts(char), []).append(label)
+        arrays = {}
+        for i, (split, count) in enumerate(self.SPLITS.items()):
+            per_class = self._per_class(count)
+            images = np.empty((len(SCRIPT_CHARS) * per_class, self.builder_config.image_size,
+                               self.builder_config.image_size, 1), np.uint8)
+            for j, (fonts, labels) in enumerate(sorted(by_fonts.items())):
+                part, local = render_glyphs([SCRIPT_CHARS[label] for label in labels], fonts, per_class,
+                                            self.builder_config.image_size, seed=self.SEED + 100 * i + j,
+                                            on_chunk=on_images)
+                for k, label in enumerate(labels):
+                    images[label * per_class:(label + 1) * per_class] = part[local == k]
+            arrays[split] = (images, np.repeat(np.arange(len(SCRIPT_CHARS), dtype=np.int64), per_class))
+        return arrays
+
+
 BUILDERS = {'growjax_latin': GrowjaxLatin, 'growjax_greek': GrowjaxGreek,
-            'growjax_digits': GrowjaxDigits}
+            'growjax_digits': GrowjaxDigits, 'growjax_scripts': GrowjaxScripts}

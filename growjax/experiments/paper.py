@@ -62,12 +62,12 @@ def matched_lora_rank(base, units: int, num_classes: int) -> int:
 
 def all_variants(settings: Settings, base, num_classes: int) -> list[Variant]:
     """The settings' methods (growjax.methods names) in their order, growing S units each; 'lora' at the
-    rank matching WA's added parameters and at the small rank."""
+    rank matching WA's added parameters and at the small rank (if not 0)."""
     variants = []
     for name in settings.methods:
         if name == LORA:
             matched = matched_lora_rank(base, settings.units, num_classes)
-            variants += [lora_variant(rank) for rank in sorted({matched, settings.lora_small_rank}, reverse=True)]
+            variants += [lora_variant(rank) for rank in sorted({matched, settings.lora_small_rank} - {0}, reverse=True)]
         else:
             variants.append(Variant(name, name, (('growth.units', settings.units),) if methods.METHODS[name].grows
                                     else ()))
@@ -93,10 +93,19 @@ def fingerprint(settings: Settings, base, method: Variant, regime: str, pretrain
     return json.loads(json.dumps({  # as stored: tuples become lists
         'settings': {k: v for k, v in dataclasses.asdict(settings).items() if k not in ('tasks', 'methods', 'regimes')},
         'method': [['growth.method', method.method], *(list(item) for item in method.overrides)], 'regime': regime, 'pretrained': pretrained_dir,
-        'model': base.model.to_dict(), 'reinit': list(base.init.reinit),
+        'model': model_settings(base), 'reinit': list(base.init.reinit),
         'data': {k: base.data[k] for k in ('image_size', 'crop_padding', 'mean', 'std')},
         'optimiser': {k: train[k] for k in ('momentum', 'weight_decay', 'new_lr_multiplier', 'lr_decay_at')},
     }))
+
+
+def model_settings(base) -> dict:
+    """config.model as fingerprints record it: model.fc_width only when set, so groups stored before
+    the key existed still match."""
+    model = base.model.to_dict()
+    if not model.get('fc_width'):
+        model.pop('fc_width', None)
+    return model
 
 
 def load_group(path: str, expected: dict) -> dict | None:

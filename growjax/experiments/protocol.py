@@ -27,7 +27,7 @@ class Settings:
     batch_size: int
     eval_every: int
     units: int  # S: WA/DWA add S units to fc7, DA's fc_a has S, WWA adds S/2 to fc6 and S to fc7
-    lora_small_rank: int  # besides the rank that matches WA's added parameters
+    lora_small_rank: int  # besides the rank that matches WA's added parameters (0: none)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,30 +66,60 @@ class Variant:
 # The protocol: sweep, select on validation, report test
 
 
-def select_learning_rate(runs: Sequence[dict], sweep_seeds: Sequence[int]) -> float:
-    """The rate with the best mean final validation accuracy over the sweep seeds (ties: the lower)."""
+def select_learning_rate(runs: Sequence[dict], sweep_seeds: Sequence[int], rates: Sequence[float] | None = None
+                         ) -> float:
+    """The rate with the best mean final validation accuracy over the sweep seeds (ties: the lower);
+    only among `rates` when given (runs at other rates, e.g. kept from another sweep, are ignored)."""
     scores = {}
     for run in runs:
-        if run['seed'] in sweep_seeds:
+        if run['seed'] in sweep_seeds and (rates is None or run['learning_rate'] in rates):
             scores.setdefault(run['learning_rate'], []).append(run['validation'][-1]['accuracy'])
     return min(scores, key=lambda lr: (-float(np.mean(scores[lr])), lr))
 
 
-def run_protocol(trainer, shots: int, settings: Settings) -> dict:
+def run_protocol(trainer, shots: int, settings: Settings, *, runs: Sequence[dict] = (),
+                 extra_rates: Sequence[float] = (), run_kwargs: dict | None = None, saved=None) -> dict:
     """Runs one (method, regime, task): the sweep, the selection, the remaining seeds at the chosen rate.
 
     A vectorised trainer runs the full seeds x rates grid in one go (cheaper than two compiles);
     the selection still reads only the sweep seeds, so every method is chosen the same way.
+
+    Beyond that (the growth map, growjax.experiments.map): `runs` already done are reused, by (seed,
+    learning rate), and only the missing ones trained; `extra_rates` are rates every seed runs at
+    besides the chosen one (a shared-rate protocol: another method's chosen rate); `run_kwargs` go
+    to every `trainer.run` (e.g. num_steps); `saved(group)` is called after each batch of new runs,
+    so an interrupted group resumes where it stopped.
     """
     seeds = list(range(settings.seeds))
     sweep = seeds[:settings.sweep_seeds]
     first = seeds if trainer.vectorised else sweep
-    runs = [r.to_json() for r in trainer.run(shots, first, settings.learning_rates)]
-    chosen = select_learning_rate(runs, sweep)
+    done = {(r['seed'], r['learning_rate']): r for r in runs}
+
+    def ensure(block_seeds, rates):
+        missing = [(seed, lr) for seed in block_seeds for lr in rates if (seed, float(lr)) not in done]
+        if not missing:
+            return
+        if len(missing) == len(block_seeds) * len(rates):
+            calls = [(list(block_seeds), list(rates))]  # the whole block in one call
+        elif trainer.vectorised:
+            calls = [(sorted({s for s, _ in missing}), sorted({lr for _, lr in missing}))]
+        else:
+            calls = [([seed], [lr]) for seed, lr in missing]
+        for call_seeds, call_rates in calls:
+            for run in trainer.run(shots, call_seeds, call_rates, **(run_kwargs or {})):
+                run = run.to_json()
+                done[(run['seed'], run['learning_rate'])] = run
+            if saved is not None:
+                saved({'chosen_lr': None, 'runs': list(done.values())})
+
+    ensure(first, settings.learning_rates)
+    chosen = select_learning_rate(list(done.values()), sweep, [float(lr) for lr in settings.learning_rates])
     rest = [seed for seed in seeds if seed not in first]
-    if rest:
-        runs += [r.to_json() for r in trainer.run(shots, rest, [chosen])]
-    return {'chosen_lr': chosen, 'runs': runs}
+    ensure(rest, [chosen])
+    extra = [float(lr) for lr in dict.fromkeys(extra_rates) if float(lr) != chosen]
+    if extra:
+        ensure(seeds, extra)
+    return {'chosen_lr': chosen, 'runs': list(done.values())}
 
 
 def chosen_runs(group: dict) -> list[dict]:

@@ -12,17 +12,20 @@ class SmallCNN(FcHeadNet):
     """conv1 -> pool -> conv2 -> pool -> fc6 -> fc7 -> classifier (ReLU after every layer).
 
     `width` multiplies every layer's size, so tests run tiny versions; pooling is skipped once a
-    map is 2x2 or smaller, so 8x8 inputs (the digits) work as well as 16x16 or 32x32.
+    map is 2x2 or smaller, so 8x8 inputs (the digits) work as well as 16x16 or 32x32. `fc_width`
+    sets the units of fc6 and fc7 alone (0: 256 x width), to vary the source model's capacity
+    where growth happens without changing its convolutions.
     """
     dropout_rate: float = 0.0
+    fc_width: int = 0
 
     @property
     def fc6_units(self) -> int:
-        return self._units(256)
+        return self.fc_width or self._units(256)
 
     @property
     def fc7_units(self) -> int:
-        return self._units(256)
+        return self.fc_width or self._units(256)
 
     def trunk(self, x: jax.Array, train: bool) -> jax.Array:
         del train

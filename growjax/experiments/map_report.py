@@ -1,0 +1,813 @@
+"""The 'map' section of docs/results.md and its figures (docs/figures/map_*.png), from stored runs only.
+
+Every number is read from the groups growjax.experiments.map stored; differences are paired over
+seeds (the same examples, batches and crops for every method at a seed), with 95% t-intervals and
+a two-sided paired t-test at 5% ('*').
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import math
+import os
+from typing import Sequence
+
+import numpy as np
+
+from growjax.experiments import report
+
+FIGURES = report.FIGURE_DIR
+TASK_NAMES = {'growjax_greek': 'Greek letters (near)', 'growjax_digits': 'digits (far)',
+              'growjax_scripts': 'other scripts, 131 classes (far, larger)'}
+BANDS = (('1-5', (1, 2, 5)), ('10-20', (10, 20)), ('50-full', (50, 0)))
+PROTOCOLS = (('own', 'per-method rate'), ('shared', "fine-tuning's rate for all (the paper's protocol)"))
+
+
+def task_name(dataset: str) -> str:
+    return TASK_NAMES.get(dataset.split('/')[0], dataset)
+
+
+def short_task(dataset: str) -> str:
+    return dataset.split('/')[0].removeprefix('growjax_').capitalize()
+
+
+def size_name(shots: int, full: int | None = None) -> str:
+    if shots:
+        return str(shots)
+    return 'full' if full is None else f'full ({full})'
+
+
+# ---------------------------------------------------------------------------------------------
+# Numbers
+
+
+def values(group: dict | None, rate: float | None) -> dict[int, float]:
+    """{seed: test accuracy} of the group's runs at `rate`."""
+    if group is None or rate is None:
+        return {}
+    return {r['seed']: r['test']['accuracy'] for r in group['runs'] if r['learning_rate'] == rate}
+
+
+@dataclasses.dataclass(frozen=True)
+class Diff:
+    """Mean of a - b over paired seeds, its 95% t-interval and the paired t-test's p-value."""
+    mean: float
+    low: float
+    high: float
+    n: int
+    p: float
+
+    @property
+    def sign(self) -> int:
+        return int(np.sign(self.mean)) if self.p < 0.05 else 0
+
+    def text(self, digits: int = 1) -> str:
+        mark = '*' if self.sign else ''
+        return f'{100 * self.mean:+.{digits}f} [{100 * self.low:+.{digits}f}, {100 * self.high:+.{digits}f}]{mark}'
+
+
+def diff(a: dict[int, float], b: dict[int, float] | float) -> Diff | None:
+    """a - b paired over common seeds (b a number: a one-sample interval); None below 2 seeds."""
+    from scipy import stats
+    b = b if isinstance(b, dict) else {seed: b for seed in a}
+    seeds = sorted(set(a) & set(b))
+    if len(seeds) < 2:
+        return None
+    d = np.asarray([a[s] - b[s] for s in seeds])
+    sd = float(d.std(ddof=1))
+    half = float(stats.t.ppf(0.975, len(d) - 1)) * sd / math.sqrt(len(d))
+    if sd == 0:
+        p = 1.0 if d.mean() == 0 else 0.0
+    else:
+        p = float(2 * stats.t.sf(abs(d.mean()) / (sd / math.sqrt(len(d))), len(d) - 1))
+    return Diff(float(d.mean()), float(d.mean() - half), float(d.mean() + half), len(d), p)
+
+
+def mean_ci(values_: dict[int, float] | Sequence[float]) -> str:
+    x = 100 * np.asarray(list(values_.values()) if isinstance(values_, dict) else list(values_))
+    if len(x) < 2:
+        return f'{x.mean():.1f}' if len(x) else ''
+    from scipy import stats
+    half = stats.t.ppf(0.975, len(x) - 1) * x.std(ddof=1) / math.sqrt(len(x))
+    return f'{x.mean():.1f} ± {half:.1f}'
+
+
+def dtext(d: Diff | None) -> str:
+    return '' if d is None else d.text()
+
+
+class SizeMap:
+    """The size axis: per (dataset, shots, method) group, readings under both protocols."""
+
+    def __init__(self, m, groups: dict):
+        self.m, self.groups = m, groups
+        self.tasks = [t for t in m.settings.tasks if any(k[0] == t for k in groups)]
+        self.methods = [n for n in m.settings.methods if n != 'finetune']
+        self.labels = {name: m.method(name, self.tasks[0]).label for name in m.settings.methods} if self.tasks else {}
+
+    def sizes(self, dataset: str) -> list[int]:
+        return self.m.sizes(dataset, self.m.settings.sizes)
+
+    def full_count(self, dataset: str) -> str:
+        counts = self.m.class_counts(dataset)
+        return str(int(counts.min())) if counts.min() == counts.max() else f'{int(counts.min())}-{int(counts.max())}'
+
+    def rate(self, dataset: str, shots: int, method: str, protocol: str) -> float | None:
+        group = self.groups.get((dataset, shots, method if protocol == 'own' else 'finetune'))
+        return None if group is None else group.get('chosen_lr')
+
+    def accuracies(self, dataset: str, shots: int, method: str, protocol: str = 'own') -> dict[int, float]:
+        return values(self.groups.get((dataset, shots, method)), self.rate(dataset, shots, method, protocol))
+
+    def gain(self, dataset: str, shots: int, method: str, protocol: str, reference: str = 'finetune') -> Diff | None:
+        a = self.accuracies(dataset, shots, method, protocol)
+        b = self.accuracies(dataset, shots, reference, protocol)
+        if len(a) < self.m.settings.seeds or len(b) < self.m.settings.seeds:
+            return None  # incomplete cells are left out
+        return diff(a, b)
+
+
+# ---------------------------------------------------------------------------------------------
+# Figures
+
+
+def plain(label: str) -> str:
+    return label.replace('`', '')
+
+
+def annotate(ax, grid, marks, limit, fontsize):
+    """Each cell's value (bold and starred where significant), white on dark cells."""
+    for i in range(grid.shape[0]):
+        for j in range(grid.shape[1]):
+            if np.isfinite(grid[i, j]):
+                ax.text(j, i, f'{grid[i, j]:+.1f}{"*" if marks[i, j] else ""}', ha='center', va='center',
+                        fontsize=fontsize, fontweight='bold' if marks[i, j] else 'normal',
+                        color='white' if abs(grid[i, j]) > 0.6 * limit else 'black')
+
+
+def _plt():
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def figure_gain(size: SizeMap, path: str) -> str | None:
+    """Heatmaps of the gain over fine-tuning: protocols (rows) x targets (columns), methods x sizes."""
+    if not size.tasks or not size.methods:
+        return None
+    plt = _plt()
+    fig, axes = plt.subplots(2, len(size.tasks), figsize=(4.4 * len(size.tasks), 2 * 0.45 * len(size.methods) + 2.8),
+                             squeeze=False, constrained_layout=True)
+    limit = 1.0
+    grids = {}
+    for p, (protocol, _) in enumerate(PROTOCOLS):
+        for t, dataset in enumerate(size.tasks):
+            sizes = size.sizes(dataset)
+            grid = np.full((len(size.methods), len(sizes)), np.nan)
+            marks = np.zeros_like(grid)
+            for i, method in enumerate(size.methods):
+                for j, shots in enumerate(sizes):
+                    d = size.gain(dataset, shots, method, protocol)
+                    if d is not None:
+                        grid[i, j], marks[i, j] = 100 * d.mean, d.sign
+            grids[p, t] = (grid, marks, sizes)
+            if np.isfinite(grid).any():
+                limit = max(limit, float(np.nanmax(np.abs(grid))))
+    for (p, t), (grid, marks, sizes) in grids.items():
+        ax = axes[p][t]
+        image = ax.imshow(grid, cmap='RdBu', vmin=-limit, vmax=limit, aspect='auto')
+        annotate(ax, grid, marks, limit, 7)
+        ax.set_xticks(range(len(sizes)), [size_name(s) for s in sizes], fontsize=8)
+        ax.set_yticks(range(len(size.methods)), [plain(size.labels[m]) for m in size.methods], fontsize=8)
+        ax.set_title(f'{short_task(size.tasks[t])}: {PROTOCOLS[p][1].split(" (")[0]}', fontsize=9)
+        ax.set_xlabel('examples per class', fontsize=8)
+    fig.colorbar(image, ax=axes, shrink=0.6, label='test accuracy − fine-tuning (points)')
+    fig.suptitle('Gain over fine-tuning (mean over seeds; * paired t-test p < 0.05)', fontsize=10)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def figure_accuracy(size: SizeMap, path: str) -> str | None:
+    """Test accuracy against examples per class, per target and method (per-method rates), 95% intervals."""
+    if not size.tasks:
+        return None
+    plt = _plt()
+    from scipy import stats
+    fig, axes = plt.subplots(1, len(size.tasks), figsize=(4.5 * len(size.tasks), 3.6), squeeze=False)
+    for t, dataset in enumerate(size.tasks):
+        ax = axes[0][t]
+        sizes = size.sizes(dataset)
+        for method in ['finetune', *size.methods]:
+            xs, ys, errs = [], [], []
+            for j, shots in enumerate(sizes):
+                acc = list(size.accuracies(dataset, shots, method).values())
+                if len(acc) >= 2:
+                    xs.append(j)
+                    ys.append(100 * np.mean(acc))
+                    errs.append(100 * stats.t.ppf(0.975, len(acc) - 1) * np.std(acc, ddof=1) / math.sqrt(len(acc)))
+            if xs:
+                ax.errorbar(xs, ys, yerr=errs, marker='o', markersize=3, capsize=2, linewidth=1.2 if method == 'finetune'
+                            else 0.8, color='black' if method == 'finetune' else None, label=plain(size.labels[method]))
+        ax.set_xticks(range(len(sizes)), [size_name(s) for s in sizes])
+        ax.set_xlabel('examples per class')
+        ax.set_ylabel('test accuracy (%)')
+        ax.set_title(task_name(dataset), fontsize=9)
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def figure_convergence(m, size: SizeMap, path: str) -> str | None:
+    """Validation accuracy over training of fine-tuning at its chosen rate (mean over seeds), one
+    line per size: every curve flat at the end."""
+    if not size.tasks:
+        return None
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(size.tasks), figsize=(4.5 * len(size.tasks), 3.4), squeeze=False)
+    for t, dataset in enumerate(size.tasks):
+        ax = axes[0][t]
+        for k, shots in enumerate(size.sizes(dataset)):
+            for method, style in (('finetune', '-'), ('wa', '--')):
+                group = size.groups.get((dataset, shots, method))
+                rate = None if group is None else group.get('chosen_lr')
+                runs = [r for r in (group or {'runs': []})['runs'] if r['learning_rate'] == rate]
+                if not runs:
+                    continue
+                steps = np.asarray(runs[0]['steps'], float)
+                curve = np.mean([[v['accuracy'] for v in r['validation']] for r in runs], axis=0)
+                ax.plot(steps / steps[-1], 100 * curve, style, marker='.', color=f'C{k}',
+                        label=f'{size_name(shots)} ({int(steps[-1])} steps)' if method == 'finetune' else None)
+        ax.set_xlabel('fraction of training (lr / 10 at 0.5 and 0.8)')
+        ax.set_ylabel('validation accuracy (%)')
+        ax.set_title(f'{task_name(dataset)}: fine-tuning (solid), WA-grow (dashed)', fontsize=8)
+        ax.legend(fontsize=7, title='examples per class', title_fontsize=7)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def figure_capacity(m, capacity: dict, path: str) -> str | None:
+    s = m.settings
+    if not capacity:
+        return None
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6), squeeze=False)
+    for p, (protocol, label) in enumerate(PROTOCOLS):
+        grid = np.full((len(s.widths), len(s.ratios)), np.nan)
+        marks = np.zeros_like(grid)
+        for i, width in enumerate(s.widths):
+            for j, ratio in enumerate(s.ratios):
+                d = capacity_gain(m, capacity, width, 'wa', ratio, protocol)
+                if d is not None:
+                    grid[i, j], marks[i, j] = 100 * d.mean, d.sign
+        limit = max(1.0, float(np.nanmax(np.abs(grid)))) if np.isfinite(grid).any() else 1.0
+        ax = axes[0][p]
+        image = ax.imshow(grid, cmap='RdBu', vmin=-limit, vmax=limit, aspect='auto')
+        annotate(ax, grid, marks, limit, 8)
+        ax.set_xticks(range(len(s.ratios)), [f'S = {r:g} x width' for r in s.ratios], fontsize=8)
+        ax.set_yticks(range(len(s.widths)), [f'fc {w}' for w in s.widths], fontsize=8)
+        ax.set_title(f'WA-grow − fine-tune: {label.split(" (")[0]}', fontsize=9)
+        fig.colorbar(image, ax=ax, shrink=0.8, label='points')
+    dataset, shots = s.capacity_cell
+    fig.suptitle(f'Source capacity: {task_name(dataset)}, {size_name(shots)} per class', fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def figure_lr(m, lr: dict, labels: dict, path: str) -> str | None:
+    s = m.settings
+    if 'finetune' not in lr:
+        return None
+    plt = _plt()
+    from scipy import stats
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    rates = list(s.learning_rates)
+    for name, group in lr.items():
+        means, errs, gains, gerrs = [], [], [], []
+        for rate in rates:
+            acc = values(group, rate)
+            x = 100 * np.asarray(list(acc.values()))
+            means.append(x.mean() if len(x) else np.nan)
+            errs.append(stats.t.ppf(0.975, len(x) - 1) * x.std(ddof=1) / math.sqrt(len(x)) if len(x) > 1 else 0)
+            d = diff(acc, values(lr['finetune'], rate))
+            gains.append(np.nan if d is None else 100 * d.mean)
+            gerrs.append(0 if d is None else 100 * (d.high - d.mean))
+        style = dict(marker='o', markersize=3, capsize=2, color='black' if name == 'finetune' else None)
+        axes[0].errorbar(rates, means, yerr=errs, label=plain(labels[name]), **style)
+        if name != 'finetune':
+            axes[1].errorbar(rates, gains, yerr=gerrs, label=plain(labels[name]), **style)
+    for ax in axes:
+        ax.set_xscale('log')
+        ax.set_xticks(rates, [f'{r:g}' for r in rates])
+        ax.minorticks_off()
+        ax.set_xlabel('base learning rate (new leaves at 10x)')
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel('test accuracy (%)')
+    axes[1].set_ylabel('− fine-tuning at the same rate (points)')
+    axes[1].axhline(0, color='black', linewidth=0.8)
+    axes[0].legend(fontsize=7)
+    dataset, shots = s.lr_cell
+    fig.suptitle(f'Every seed at every rate: {task_name(dataset)}, {size_name(shots)} per class, regime all '
+                 f'({s.seeds} seeds, 95% intervals)', fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Sections
+
+
+def capacity_gain(m, capacity: dict, width: int, method: str, ratio, protocol: str) -> Diff | None:
+    group = capacity.get((width, method, ratio))
+    ft = capacity.get((width, 'finetune', None))
+    if group is None or ft is None:
+        return None
+    rate_a = group.get('chosen_lr') if protocol == 'own' else ft.get('chosen_lr')
+    a, b = values(group, rate_a), values(ft, ft.get('chosen_lr'))
+    if len(a) < m.settings.seeds or len(b) < m.settings.seeds:
+        return None
+    return diff(a, b)
+
+
+def size_tables(size: SizeMap) -> list[str]:
+    lines = []
+    for dataset in size.tasks:
+        sizes = size.sizes(dataset)
+        head = '| | ' + ' | '.join(size_name(s, size.full_count(dataset)) for s in sizes) + ' |'
+        rule = '|---' * (len(sizes) + 1) + '|'
+        steps = [size.m.cell(dataset, s, size.m.method('finetune', dataset)).steps for s in sizes]
+        lines += [f'#### {task_name(dataset)}', '',
+                  f'Test accuracy (%, mean ± 95% interval over seeds) at each method\'s own chosen rate, and the '
+                  f'training steps (batch {size.m.settings.batch_size}):', '', head, rule,
+                  '| steps | ' + ' | '.join(str(x) for x in steps) + ' |']
+        for method in ['finetune', *size.methods]:
+            cells = [mean_ci(size.accuracies(dataset, s, method)) for s in sizes]
+            lines.append(f'| {size.labels[method]} | ' + ' | '.join(cells) + ' |')
+        for protocol, label in PROTOCOLS:
+            lines += ['', f'Gain over fine-tuning (points, paired, [95% interval], * p < 0.05), {label}:', '', head,
+                      rule]
+            if protocol == 'shared':
+                lines.append('| shared rate | ' + ' | '.join(
+                    f'{r:g}' if (r := size.rate(dataset, s, 'finetune', 'own')) else '' for s in sizes) + ' |')
+            for method in size.methods:
+                lines.append(f'| {size.labels[method]} | ' + ' | '.join(
+                    dtext(size.gain(dataset, s, method, protocol)) for s in sizes) + ' |')
+        lines += ['', 'Chosen base learning rates (validation, sweep seeds):', '', head, rule]
+        for method in ['finetune', *size.methods]:
+            lines.append(f'| {size.labels[method]} | ' + ' | '.join(
+                f'{r:g}' if (r := size.rate(dataset, s, method, 'own')) else '' for s in sizes) + ' |')
+        lines.append('')
+    return lines
+
+
+def band_sizes(size: SizeMap, dataset: str, band: tuple[int, ...]) -> list[int]:
+    return [s for s in size.sizes(dataset) if s in band]
+
+
+def region_verdicts(size: SizeMap) -> tuple[list[str], dict]:
+    """The verdict table per (target, band of sizes) and the facts the closing note reads."""
+    comparisons = [(method, 'finetune', f'{size.labels[method]} − fine-tune') for method in size.methods]
+    if 'wa' in size.methods and 'wa_ori' in size.methods:
+        comparisons.append(('wa', 'wa_ori', 'WA-grow − WA-ori (normalisation)'))
+    growth = [m for m in size.methods if m not in ('lora',)]
+    lines = ['| target | examples per class | comparison | per-method rate | shared rate |', '|---|---|---|---|---|']
+    facts = {'up': {'own': [], 'shared': []}, 'down': {'own': [], 'shared': []}, 'cells': 0, 'norm': [],
+             'lora_up': [], 'lora_down': [], 'regions': [], 'growth_cells': 0}
+    for dataset in size.tasks:
+        for band_name, band in BANDS:
+            sizes = band_sizes(size, dataset, band)
+            if not sizes:
+                continue
+            facts['regions'].append((dataset, band_name))
+            for a, b, label in comparisons:
+                cells = []
+                for protocol, _ in PROTOCOLS:
+                    found = [(s, size.gain(dataset, s, a, protocol, b)) for s in sizes]
+                    found = [(s, d) for s, d in found if d is not None]
+                    significant = [f'{size_name(s)}: {d.text()}' for s, d in found if d.sign]
+                    cells.append(f'{sum(d.sign > 0 for _, d in found)} ahead, {sum(d.sign < 0 for _, d in found)} '
+                                 f'behind of {len(found)}' + (f' ({"; ".join(significant)})' if significant else ''))
+                    for s, d in found:
+                        where = (dataset, band_name, s, a)
+                        if b == 'finetune' and a in growth:
+                            if protocol == 'own':
+                                facts['growth_cells'] += 1
+                            if d.sign > 0:
+                                facts['up'][protocol].append((*where, d))
+                            elif d.sign < 0:
+                                facts['down'][protocol].append((*where, d))
+                        if b == 'wa_ori' and protocol == 'own' and d.sign:
+                            facts['norm'].append((*where, d))
+                        if a == 'lora' and protocol == 'own' and d.sign:
+                            facts['lora_up' if d.sign > 0 else 'lora_down'].append((*where, d))
+                lines.append(f'| {short_task(dataset)} | {band_name} | {label} | {cells[0]} | {cells[1]} |')
+    return lines, facts
+
+
+def where(items) -> str:
+    """'Greek 1-5 (WA-grow at 2: +1.0 [...]), ...' grouped by region."""
+    regions: dict[tuple, list[str]] = {}
+    for dataset, band, shots, method, d in items:
+        regions.setdefault((short_task(dataset), band), []).append(f'{method} at {size_name(shots)}: {d.text()}')
+    return '; '.join(f'{task} {band} ({", ".join(cells)})' for (task, band), cells in regions.items())
+
+
+def closing_note(size: SizeMap, facts: dict) -> str:
+    """Three sentences from the verdicts: where growing helps on this data, and where it does not."""
+    n = facts['growth_cells']
+    up_own, up_shared = facts['up']['own'], facts['up']['shared']
+    down_own = facts['down']['own']
+    helped = sorted({(short_task(d), b) for d, b, *_ in up_own})
+    first = (f'Under the per-method protocol growing beat fine-tuning significantly in {len(up_own)} of {n} (cell, '
+             f'growth method) comparisons' + (f', in {", ".join(f"{t} {b}" for t, b in helped)} per class'
+                                               if helped else ', that is nowhere on this data') + '.')
+    learning_rate_only = [x for x in up_shared if (x[0], x[2], x[3]) not in {(y[0], y[2], y[3]) for y in up_own}]
+    second = (f'At fine-tuning\'s rate for every method (the paper\'s protocol) it did in {len(up_shared)}, of which '
+              f'{len(learning_rate_only)} vanish when each method gets its own rate, so '
+              + ('that part of the gain is a learning-rate effect' if learning_rate_only else
+                 'no part of the gain found there is a learning-rate effect') + '.')
+    hurt = sorted({(short_task(d), b) for d, b, *_ in down_own})
+    not_helped = [(short_task(d), b) for d, b in facts['regions'] if (short_task(d), b) not in helped]
+    third = (f'It did not help in {", ".join(f"{t} {b}" for t, b in not_helped) or "no region"}'
+             + (f' and was significantly worse in {len(down_own)} comparisons ({", ".join(f"{t} {b}" for t, b in hurt)})'
+                if down_own else '')
+             + f'; normalisation (WA-grow vs WA-ori) mattered significantly in {len(facts["norm"])} cells, and classic '
+               f'LoRA beat fine-tuning in {len(facts["lora_up"])} and lost in {len(facts["lora_down"])}.')
+    return ' '.join([first, second, third])
+
+
+def convergence_lines(m, convergence: dict) -> list[str]:
+    if not convergence:
+        return ['(not run yet)', '']
+    s = m.settings
+    lines = [f'Test accuracy with {s.convergence_factor}x the steps − with the map\'s steps, same seeds (the first '
+             f'{s.convergence_seeds}) and chosen rate; points, [95% interval]:', '',
+             '| target | examples per class | steps | ' + ' | '.join(
+                 f'{m.method(n, s.tasks[0]).label}' for n in s.convergence_methods) + ' |',
+             '|---' * (3 + len(s.convergence_methods)) + '|']
+    rows = sorted({(d, sh) for d, sh, _ in convergence}, key=lambda x: (s.tasks.index(x[0]), x[1] or 10 ** 6))
+    for dataset, shots in rows:
+        cells, steps = [], ''
+        for name in s.convergence_methods:
+            pair = convergence.get((dataset, shots, name))
+            if pair is None:
+                cells.append('')
+                continue
+            base, longer = pair
+            rate = base['chosen_lr']
+            cells.append(dtext(diff(values(longer, rate), values(base, rate))))
+            steps = f'{longer["fingerprint"]["steps"] // s.convergence_factor} → {longer["fingerprint"]["steps"]}'
+        lines.append(f'| {short_task(dataset)} | {size_name(shots)} | {steps} | ' + ' | '.join(cells) + ' |')
+    return lines + ['']
+
+
+def capacity_lines(m, capacity: dict) -> list[str]:
+    s = m.settings
+    if not capacity:
+        return ['(not run yet)', '']
+    ori = s.capacity_ori_ratio is not None
+    columns = len(s.ratios) + ori
+    lines = ['| fc6/fc7 width | fine-tune (%) | ' + ' | '.join(f'WA-grow S = {r:g} x width' for r in s.ratios)
+             + (f' | WA-ori S = {s.capacity_ori_ratio:g} x width' if ori else '') + ' |', '|---' * (2 + columns) + '|']
+    for protocol, label in PROTOCOLS:
+        lines.append(f'| *{label}* |' + ' |' * (1 + columns))
+        for width in s.widths:
+            ft = capacity.get((width, 'finetune', None))
+            acc = mean_ci(values(ft, ft.get('chosen_lr'))) if ft else ''
+            cells = [dtext(capacity_gain(m, capacity, width, 'wa', r, protocol)) for r in s.ratios]
+            if ori:
+                cells.append(dtext(capacity_gain(m, capacity, width, 'wa_ori', s.capacity_ori_ratio, protocol)))
+            lines.append(f'| {width} | {acc} | ' + ' | '.join(cells) + ' |')
+    return lines + ['']
+
+
+def lr_lines(m, lr: dict, labels: dict) -> list[str]:
+    s = m.settings
+    if 'finetune' not in lr:
+        return ['(not run yet)', '']
+    rates = list(s.learning_rates)
+    lines = ['Test accuracy (%, mean ± 95% interval over all seeds) at each rate, and the gain over fine-tuning at '
+             'the same rate:', '', '| method | ' + ' | '.join(f'{r:g}' for r in rates) + ' | chosen (validation) |',
+             '|---' * (len(rates) + 2) + '|']
+    for name, group in lr.items():
+        lines.append(f'| {labels[name]} | ' + ' | '.join(mean_ci(values(group, r)) for r in rates)
+                     + f' | {group.get("chosen_lr") or ""} |')
+    for name, group in lr.items():
+        if name != 'finetune':
+            lines.append(f'| {labels[name]} − fine-tune | ' + ' | '.join(
+                dtext(diff(values(group, r), values(lr['finetune'], r))) for r in rates) + ' | |')
+    ft_rate = lr['finetune'].get('chosen_lr')
+    lines.append('')
+    for name, group in lr.items():
+        if name == 'finetune' or ft_rate is None or group.get('chosen_lr') is None:
+            continue
+        shared = diff(values(group, ft_rate), values(lr['finetune'], ft_rate))
+        own = diff(values(group, group['chosen_lr']), values(lr['finetune'], ft_rate))
+        best = max(rates, key=lambda r: np.mean(list(values(group, r).values()) or [0]))
+        lines.append(f'- {labels[name]}: at fine-tuning\'s chosen rate {ft_rate:g} (shared) {dtext(shared)}; each at its '
+                     f'chosen rate ({group["chosen_lr"]:g} vs {ft_rate:g}) {dtext(own)}; its best test rate is {best:g}.')
+    return lines + ['']
+
+
+def forgetting_lines(m, forgetting: dict, labels: dict) -> list[str]:
+    if not forgetting:
+        return ['(not run yet)', '']
+    s = m.settings
+    lines = ['| target | examples per class | method | target test (%) | source test after (%) | change of the source '
+             'task (points) | − fine-tune\'s change |', '|---|---|---|---|---|---|---|']
+    same, total = 0, 0
+    for (dataset, shots, name), record in forgetting.items():
+        after = {r['seed']: r['source_after'] for r in record['seeds']}
+        target = {r['seed']: r['target_test'] for r in record['seeds']}
+        same += sum(r['stored_test'] is not None and abs(r['stored_test'] - r['target_test']) < 1e-9
+                    for r in record['seeds'])
+        total += len(record['seeds'])
+        ft = forgetting.get((dataset, shots, 'finetune'))
+        versus = '' if ft is None or name == 'finetune' else dtext(
+            diff(after, {r['seed']: r['source_after'] for r in ft['seeds']}))
+        lines.append(f'| {short_task(dataset)} | {size_name(shots)} | {labels.get(name, name)} | {mean_ci(target)} | '
+                     f'{mean_ci(after)} | {dtext(diff(after, record["source_before"]))} | {versus} |')
+    before = next(iter(forgetting.values()))['source_before']
+    return [f'Source task (test split of `{m.base.init.source_dataset}`) before fine-tuning: {100 * before:.1f}%. '
+            f'Retrained runs reproduced the stored test accuracy in {same} of {total} (seed, cell, method) runs.', '',
+            *lines, '']
+
+
+def continual_lines(m, continual: dict, arms: Sequence[tuple]) -> list[str]:
+    s = m.settings
+    if not any(arm in continual for arm, *_ in arms):
+        return ['(not run yet)', '']
+    (a_set, a_shots), (b_set, b_shots) = s.continual_a, s.continual_b
+    ft = continual.get('ft_ft')
+    lines = [f'A = {task_name(a_set)}, {size_name(a_shots)} per class; B = {task_name(b_set)}, {size_name(b_shots)} '
+             'per class. Each step sweeps the rates and selects on its own validation split; each seed continues '
+             'from its own model after A.', '',
+             '| arm | test on A (%) | test on B (%) | − fine-tune → fine-tune, per-method | shared rate |',
+             '|---|---|---|---|---|']
+    for arm, label, a_name, _ in arms:
+        if arm not in s.continual_arms:
+            continue
+        group = continual.get(arm)
+        a = continual.get(('A', a_name))
+        a_acc = mean_ci(values(a, a.get('chosen_lr'))) if a else ''
+        if group is None:
+            lines.append(f'| {label} | {a_acc} | | | |')
+            continue
+        own = values(group, group.get('chosen_lr'))
+        ft_own = values(ft, ft.get('chosen_lr')) if ft else {}
+        shared = values(group, ft.get('chosen_lr')) if ft else {}
+        lines.append(f'| {label} | {a_acc} | {mean_ci(own)} | {dtext(diff(own, ft_own)) if arm != "ft_ft" else ""} | '
+                     f'{dtext(diff(shared, ft_own)) if arm != "ft_ft" else ""} |')
+    for name in ('finetune', 'wa'):
+        direct = continual.get(('direct', name))
+        if direct is not None:
+            lines.append(f'| source → B directly, {m.method(name, b_set).label} | | '
+                         f'{mean_ci(values(direct, direct.get("chosen_lr")))} | '
+                         f'{dtext(diff(values(direct, direct.get("chosen_lr")), values(ft, ft.get("chosen_lr")))) if ft else ""} | |')
+    return lines + ['']
+
+
+def gamma_lines(m, gamma: dict | None, size: SizeMap, variants: Sequence[tuple]) -> list[str]:
+    lines = []
+    if gamma is None:
+        lines += ['(step-0 measurement not run yet)', '']
+    else:
+        units = m.settings.gamma_units
+        acc = gamma['accuracy']
+        lines += [f'Source-task test accuracy right after growing the source model (fc {m.width}) with its classifier '
+                  f'kept, before any training: {100 * acc["source"]:.1f}% without growth. Mean over '
+                  f'{m.settings.gamma_seeds} seeds of the new units\' initialisation (min-max):', '',
+                  '| growth | ' + ' | '.join(f'S = {u}' for u in units) + ' |', '|---' * (len(units) + 1) + '|']
+        for name, label, *_ in variants:
+            if not any(f'{name}/{u}' in acc for u in units):
+                continue
+            cells = []
+            for u in units:
+                x = 100 * np.asarray(acc.get(f'{name}/{u}', []))
+                cells.append(f'{x.mean():.1f} ({x.min():.1f}-{x.max():.1f})' if len(x) else '')
+            lines.append(f'| {label} | ' + ' | '.join(cells) + ' |')
+        scales = gamma.get('scales', {})
+        if scales:
+            lines += ['', 'Gammas set from data at the classifier (seed 0; scale_0: the old fc7 units, scale_1: the new): '
+                      + '; '.join(f'{k}: ' + ', '.join(f'{g} {v:.2f}' for g, v in sorted(x.items()))
+                                  for k, x in scales.items()) + '.']
+        lines.append('')
+    if 'wa_data' in size.methods and 'wa' in size.methods:
+        lines += ['Does it change the map? WA-grow with γ from data − WA-grow with γ = 10, per cell (points, [95% '
+                  'interval]), and how often each picked fine-tuning\'s rate:', '',
+                  '| target | ' + ' | '.join(PROTOCOLS[i][1].split(' (')[0] for i in range(2)) + ' | same rate as '
+                  'fine-tune: WA-grow / γ from data |', '|---|---|---|---|']
+        for dataset in size.tasks:
+            cells = []
+            for protocol, _ in PROTOCOLS:
+                found = [(s, size.gain(dataset, s, 'wa_data', protocol, 'wa')) for s in size.sizes(dataset)]
+                cells.append(', '.join(f'{size_name(s)}: {d.text()}' for s, d in found if d is not None))
+            same = [sum(size.rate(dataset, s, name, 'own') == size.rate(dataset, s, 'finetune', 'own')
+                        for s in size.sizes(dataset)) for name in ('wa', 'wa_data')]
+            lines.append(f'| {short_task(dataset)} | {cells[0]} | {cells[1]} | {same[0]} / {same[1]} of '
+                         f'{len(size.sizes(dataset))} |')
+        lines.append('')
+    return lines
+
+
+def coverage_lines(m, size: SizeMap, results: dict) -> list[str]:
+    """What the settings plan against what is stored complete (all seeds at the rates both protocols read)."""
+    s = m.settings
+    seeds = s.seeds
+    full = lambda group, rate: group is not None and len(values(group, rate)) >= seeds
+    planned = done = 0
+    missing = []
+    for dataset in s.tasks:
+        for shots in m.sizes(dataset, s.sizes):
+            for method in s.methods:
+                planned += 1
+                group = size.groups.get((dataset, shots, method))
+                ft_rate = size.rate(dataset, shots, method, 'shared')
+                if group is not None and full(group, group.get('chosen_lr')) and full(group, ft_rate):
+                    done += 1
+                else:
+                    missing.append(f'{short_task(dataset)} {size_name(shots)} {method}')
+    lines = [f'- size axis: {done} of {planned} (target, size, method) cells complete'
+             + (f'; not run: {", ".join(missing)}' if missing else '') + '.']
+    capacity = results.get('capacity', {})
+    cap_planned = len(s.widths) * (1 + len(s.ratios) + (s.capacity_ori_ratio is not None))
+    cap_done = sum(full(g, g.get('chosen_lr')) for g in capacity.values())
+    lines.append(f'- capacity axis: {cap_done} of {cap_planned} (width, method, S) groups complete.')
+    lr = results.get('lr', {})
+    lr_done = sum(all(full(g, r) for r in s.learning_rates) for g in lr.values())
+    lines.append(f'- learning-rate axis: {lr_done} of {len(s.lr_methods)} methods at every seed and rate.')
+    convergence = results.get('convergence', {})
+    lines.append(f'- convergence: {sum(len(values(g, b["chosen_lr"])) >= s.convergence_seeds for b, g in convergence.values())}'
+                 f' of {len(s.convergence_methods) * sum(len(m.sizes(t, s.sizes)) for t in s.tasks)} (target, size, '
+                 'method) checks.')
+    forgetting = results.get('forgetting', {})
+    lines.append(f'- forgetting: {len(forgetting)} of '
+                 f'{len(s.forgetting_methods) * sum(len(m.sizes(t, s.forgetting_sizes)) for t in s.tasks)} (target, '
+                 'size, method) records.')
+    continual = results.get('continual', {})
+    lines.append(f'- continual: {sum(a in continual for a in s.continual_arms)} of {len(s.continual_arms)} arms; '
+                 f'gamma at step 0: {"stored" if results.get("gamma") else "not run"}.')
+    chosen = [g.get('chosen_lr') for g in size.groups.values() if g.get('chosen_lr') is not None]
+    if chosen:
+        lines.append(f'- Chosen rates at an edge of the sweep (size axis): {chosen.count(min(s.learning_rates))} of '
+                     f'{len(chosen)} groups at the lowest ({min(s.learning_rates):g}), '
+                     f'{chosen.count(max(s.learning_rates))} at the highest ({max(s.learning_rates):g}).')
+    return lines + ['']
+
+
+def compute_lines(m, results: dict, invocations: list[dict]) -> list[str]:
+    per_axis = {}
+    for axis, found in results.items():
+        if axis not in ('size', 'capacity', 'lr', 'continual', 'convergence'):
+            continue
+        if axis in ('size', 'capacity', 'lr', 'continual'):
+            groups = [g for g in found.values() if isinstance(g, dict) and 'runs' in g]
+        elif axis == 'convergence':
+            groups = [longer for _, longer in found.values()]
+        else:
+            groups = []
+        per_axis[axis] = (len(groups), sum(g.get('seconds', 0.0) for g in groups) / 60)
+    lines = ['Stored groups and their compute time (minutes, this machine, training and evaluation; shared groups '
+             'count on each axis that reads them): ' + '; '.join(
+                 f'{axis} {n} groups, {minutes:.0f} min' for axis, (n, minutes) in per_axis.items() if n) + '.', '',
+             'Invocations that computed them (from WORKDIR/invocations.jsonl):', '']
+    for entry in invocations:
+        lines.append(f'- {entry["date"]}: `{entry["command"]}`: {entry["computed"]} groups, {entry["minutes"]:.0f} min'
+                     + (' (stopped at --max_minutes)' if entry.get('stopped') else ''))
+    return lines + ['']
+
+
+def section(m, results: dict, docs_dir: str, *, command: str, invocations: list[dict]) -> str:
+    """The markdown of the map section, with its figures written to docs_dir/figures."""
+    s = m.settings
+    figures_dir = os.path.join(docs_dir, FIGURES)
+    os.makedirs(figures_dir, exist_ok=True)
+    size = SizeMap(m, results.get('size', {}))
+    labels = {name: m.method(name, s.tasks[0]).label for name in set(s.methods) | set(s.lr_methods)
+              | set(s.forgetting_methods)}
+    made = {
+        'map_gain': figure_gain(size, os.path.join(figures_dir, 'map_gain.png')),
+        'map_accuracy': figure_accuracy(size, os.path.join(figures_dir, 'map_accuracy.png')),
+        'map_convergence': figure_convergence(m, size, os.path.join(figures_dir, 'map_convergence.png')),
+        'map_capacity': figure_capacity(m, results.get('capacity', {}), os.path.join(figures_dir, 'map_capacity.png')),
+        'map_lr': figure_lr(m, results.get('lr', {}), labels, os.path.join(figures_dir, 'map_lr.png')),
+    }
+    verdicts, facts = region_verdicts(size)
+    workdir = m.workdir
+    reproduce = lambda axis: f'`python -m growjax.experiments.map --workdir={workdir} --axes={axis}`'
+    figure = lambda name, caption: ([f'![{name}]({FIGURES}/{name}.png)', '', caption, ''] if made.get(name) else [])
+    lr_cell = f'{task_name(s.lr_cell[0])}, {size_name(s.lr_cell[1])} per class'
+    lines = [
+        '## When does growing help? The map',
+        '',
+        f'Written by `{command}` on {datetime.date.today()} from the runs stored in `{workdir}` (every table and '
+        f'figure of this section; the invocations that computed the runs are listed under "Compute" below). '
+        f'Versions: {report.versions()}.',
+        '',
+        '### Set-up',
+        '',
+        f'- Source: `small_cnn` pretrained on the rendered Latin letters (fc6/fc7 {m.width} units unless stated; '
+        f'every fc width of the capacity axis has its own source model, `--config.model.fc_width`). Targets: '
+        + ', '.join(f'{task_name(t)} (`{t}`)' for t in s.tasks) + '. The scripts target is 131 letters of the '
+        'Cyrillic, Armenian and Georgian scripts that look like no Latin or Greek letter, rendered in the held-out '
+        'fonts (growjax/data/builtin.py, `growjax_scripts`).',
+        f'- Methods (S = {s.units} new units): ' + ', '.join(labels[n] for n in s.methods) + '. Regime `all` (every '
+        'layer trains, new leaves at 10x); LoRA in `new` (frozen network, adapters and classifier: classic LoRA), at '
+        'the rank that adds about as many parameters as WA.',
+        f'- Training: SGD momentum {m.base.train.momentum}, batch {s.batch_size}, max({s.min_steps}, '
+        f'{s.epochs:g} epochs) steps, learning rate / 10 at {tuple(m.base.train.lr_decay_at)} of training, random '
+        '2-pixel crops. Convergence: see below.',
+        f'- Protocol: every (cell, method) sweeps {list(s.learning_rates)}; seeds {list(range(s.sweep_seeds))} '
+        f'select on validation; test accuracy over seeds {list(range(s.seeds))}. Two readings: **per-method** (each '
+        'method at its own chosen rate) and **shared** (every method at the rate chosen for fine-tuning, one rate '
+        'for all as the paper trains; the paper\'s numbers are comparable to this one). Gains are paired over seeds: '
+        'mean [95% t-interval], * where a two-sided paired t-test gives p < 0.05.',
+        '',
+        '### The map: size x distance x method',
+        '',
+        *figure('map_gain', f'Gain of each method over fine-tuning, per target and examples per class, under both '
+                            f'protocols. Made from the `size` axis ({reproduce("size")}).'),
+        *figure('map_accuracy', 'Test accuracy against examples per class (per-method rates; 95% intervals over '
+                                f'seeds). From the `size` axis ({reproduce("size")}).'),
+        *size_tables(size),
+        '### Verdicts per region',
+        '',
+        'Cells of each band where the comparison is significantly ahead or behind (paired t-test, p < 0.05), with '
+        'the interval of every significant one:',
+        '',
+        *verdicts,
+        '',
+        '### Convergence',
+        '',
+        *figure('map_convergence', 'Validation accuracy over training (mean over the seeds at the chosen rate) of '
+                                   'fine-tuning and WA-grow, every size. From the `size` axis '
+                                   f'({reproduce("size")}).'),
+        *convergence_lines(m, results.get('convergence', {})),
+        f'From the `convergence` axis ({reproduce("convergence")}).',
+        '',
+        '### Source capacity: fc width x S',
+        '',
+        f'{task_name(s.capacity_cell[0])}, {size_name(s.capacity_cell[1])} per class; WA-grow and WA-ori gain over '
+        'fine-tuning of the same source model (points, [95% interval]):',
+        '',
+        *capacity_lines(m, results.get('capacity', {})),
+        *figure('map_capacity', f'WA-grow − fine-tuning by source width and S. From the `capacity` axis '
+                                f'({reproduce("capacity")}).'),
+        '### Shared versus per-method learning rate',
+        '',
+        f'{lr_cell}, regime `all`, every seed at every rate (the setting of the independent re-implementation the '
+        'issue quotes, on this repository\'s data):',
+        '',
+        *lr_lines(m, results.get('lr', {}), labels),
+        *figure('map_lr', f'Accuracy and gain over fine-tuning at each learning rate. From the `lr` axis '
+                          f'({reproduce("lr")}).'),
+        '### Forgetting of the source task (paper Table 4)',
+        '',
+        'After fine-tuning on a target at the method\'s chosen rate, the source task read through the network\'s old '
+        'units (fc7, not the new ones) by the pretrained source classifier:',
+        '',
+        *forgetting_lines(m, results.get('forgetting', {}), labels),
+        f'From the `forgetting` axis ({reproduce("forgetting")}).',
+        '',
+        '### Continual growth (paper Table 8)',
+        '',
+        *continual_lines(m, results.get('continual', {}), results['continual_arms']),
+        f'From the `continual` axis ({reproduce("continual")}).',
+        '',
+        '### Beyond the paper: initialising γ from data',
+        '',
+        'NormScale\'s constant γ = 10 rescales the pretrained units at growth. `growjax.nn.scales_from_data` sets '
+        'every γ of a group to that group\'s mean L2 norm on the first training batch (mode `group`: old units start '
+        'at their pretrained scale, new ones at theirs), or every group to the old group\'s norm (mode `first`).',
+        '',
+        *gamma_lines(m, results.get('gamma'), size, results['gamma_variants']),
+        f'From the `gamma` axis ({reproduce("gamma")}) and the `size` axis (method `wa_data`).',
+        '',
+        '### Compute: what ran',
+        '',
+        *coverage_lines(m, size, results),
+        *compute_lines(m, results, invocations),
+        '### Where growing helps on this data',
+        '',
+        closing_note(size, facts) if size.tasks else '(the size axis has not run yet)',
+        '',
+    ]
+    return '\n'.join(lines)
+
+
+def write(m, results: dict, docs_dir: str, *, command: str, invocations: list[dict]) -> str:
+    path = os.path.join(docs_dir, 'results.md')
+    os.makedirs(docs_dir, exist_ok=True)
+    report.splice(path, 'map', section(m, results, docs_dir, command=command, invocations=invocations))
+    return path
