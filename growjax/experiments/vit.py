@@ -5,7 +5,7 @@
 
 Fine-tuning, WA (the top block's MLP widened) with and without NormScale, DA (a new block on top,
 the identity at first), more attention heads, and LoRA on every attention projection (at the rank
-that matches WA's added parameters and a small one), under the regimes new / top block and up /
+that matches WA's added parameters), under the regimes new / top block and up /
 all, on few-shot Greek letters and digits, with the CNN experiment's protocol (growjax.experiments
 .paper: paired seeds, a learning-rate sweep per method chosen on validation, test reported). The
 section it writes into docs/results.md (between its markers) is kept when the CNN experiment
@@ -27,8 +27,8 @@ REGIMES = ('new', TOP_BLOCK, 'all')
 FULL = Settings(
     tasks=(('growjax_greek', 1), ('growjax_greek', 2), ('growjax_digits', 2)),
     methods=('scratch', 'finetune', 'wa_ori', 'wa', 'da', 'heads', 'lora'), regimes=REGIMES, seeds=5, sweep_seeds=2,
-    learning_rates=(0.001, 0.003, 0.01, 0.03, 0.1), steps=80, batch_size=16, eval_every=20,
-    units=_BASE.growth.units, lora_small_rank=2)
+    learning_rates=(0.0003, 0.001, 0.003, 0.01, 0.03), steps=80, batch_size=16, eval_every=20,
+    units=_BASE.growth.units, lora_small_rank=0)
 QUICK = dataclasses.replace(FULL, tasks=(('growjax_greek', 1),), methods=('finetune', 'wa', 'lora'),
                             regimes=('new', 'all'), seeds=1, sweep_seeds=1, learning_rates=(0.01, 0.03), steps=20,
                             eval_every=10)
