@@ -17,7 +17,7 @@ import numpy as np
 from growjax.experiments import report
 
 FIGURES = report.FIGURE_DIR
-TASK_NAMES = {'growjax_greek': 'Greek letters (near)', 'growjax_digits': 'digits (far)',
+TASK_NAMES = {'growjax_greek': 'Greek letters (near)', 'growjax_digits': 'Handwritten digits (far)',
               'growjax_scripts': 'other scripts, 131 classes (far, larger)'}
 BANDS = (('1-5', (1, 2, 5)), ('10-20', (10, 20)), ('50-full', (50, 0)))
 PROTOCOLS = (('own', 'per-method rate'), ('shared', "fine-tuning's rate for all (the paper's protocol)"))
@@ -159,7 +159,6 @@ def figure_gain(size: SizeMap, path: str) -> str | None:
     plt = _plt()
     fig, axes = plt.subplots(2, len(size.tasks), figsize=(4.4 * len(size.tasks), 2 * 0.45 * len(size.methods) + 2.8),
                              squeeze=False, constrained_layout=True)
-    limit = 1.0
     grids = {}
     for p, (protocol, _) in enumerate(PROTOCOLS):
         for t, dataset in enumerate(size.tasks):
@@ -172,8 +171,11 @@ def figure_gain(size: SizeMap, path: str) -> str | None:
                     if d is not None:
                         grid[i, j], marks[i, j] = 100 * d.mean, d.sign
             grids[p, t] = (grid, marks, sizes)
-            if np.isfinite(grid).any():
-                limit = max(limit, float(np.nanmax(np.abs(grid))))
+    # The colour scale is clipped at the 90th percentile of |gain|, at least 5 points: one diverged cell
+    # (e.g. -65 at a shared rate) does not wash out every other cell, and differences within seed noise
+    # (a point or two) stay pale; the numbers printed in the cells are exact.
+    magnitudes = np.concatenate([np.abs(g[np.isfinite(g)]) for g, _, _ in grids.values()])
+    limit = max(5.0, float(np.percentile(magnitudes, 90))) if magnitudes.size else 5.0
     for (p, t), (grid, marks, sizes) in grids.items():
         ax = axes[p][t]
         image = ax.imshow(grid, cmap='RdBu', vmin=-limit, vmax=limit, aspect='auto')
@@ -182,7 +184,8 @@ def figure_gain(size: SizeMap, path: str) -> str | None:
         ax.set_yticks(range(len(size.methods)), [plain(size.labels[m]) for m in size.methods], fontsize=8)
         ax.set_title(f'{short_task(size.tasks[t])}: {PROTOCOLS[p][1].split(" (")[0]}', fontsize=9)
         ax.set_xlabel('examples per class', fontsize=8)
-    fig.colorbar(image, ax=axes, shrink=0.6, label='test accuracy − fine-tuning (points)')
+    fig.colorbar(image, ax=axes, shrink=0.6, extend='both',
+                 label=f'test accuracy − fine-tuning (points; colours clipped at ±{limit:.1f})')
     fig.suptitle('Gain over fine-tuning (mean over seeds; * paired t-test p < 0.05)', fontsize=10)
     fig.savefig(path, dpi=90)
     plt.close(fig)
@@ -199,7 +202,7 @@ def figure_accuracy(size: SizeMap, path: str) -> str | None:
     for t, dataset in enumerate(size.tasks):
         ax = axes[0][t]
         sizes = size.sizes(dataset)
-        for method in ['finetune', *size.methods]:
+        for k, method in enumerate(['finetune', *size.methods]):
             xs, ys, errs = [], [], []
             for j, shots in enumerate(sizes):
                 acc = list(size.accuracies(dataset, shots, method).values())
@@ -209,14 +212,19 @@ def figure_accuracy(size: SizeMap, path: str) -> str | None:
                     errs.append(100 * stats.t.ppf(0.975, len(acc) - 1) * np.std(acc, ddof=1) / math.sqrt(len(acc)))
             if xs:
                 ax.errorbar(xs, ys, yerr=errs, marker='o', markersize=3, capsize=2, linewidth=1.2 if method == 'finetune'
-                            else 0.8, color='black' if method == 'finetune' else None, label=plain(size.labels[method]))
+                            else 0.8, color='black' if method == 'finetune' else f'C{k - 1}',  # one colour per method
+                            label=plain(size.labels[method]))
         ax.set_xticks(range(len(sizes)), [size_name(s) for s in sizes])
         ax.set_xlabel('examples per class')
         ax.set_ylabel('test accuracy (%)')
         ax.set_title(task_name(dataset), fontsize=9)
         ax.grid(alpha=0.3)
-    axes[0][-1].legend(fontsize=7)
-    fig.tight_layout()
+    handles = {}  # every method once, also one run on some targets only
+    for ax in axes[0]:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, handle)
+    fig.tight_layout(rect=(0, 0, 0.84, 1))
+    fig.legend(handles.values(), handles.keys(), loc='center right', fontsize=7)
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return path
@@ -344,6 +352,8 @@ def size_tables(size: SizeMap) -> list[str]:
     lines = []
     for dataset in size.tasks:
         sizes = size.sizes(dataset)
+        # Methods with no stored cell on this target are left out (the coverage list says what is missing).
+        methods = [m for m in size.methods if any(size.accuracies(dataset, s, m) for s in sizes)]
         head = '| | ' + ' | '.join(size_name(s, size.full_count(dataset)) for s in sizes) + ' |'
         rule = '|---' * (len(sizes) + 1) + '|'
         steps = [size.m.cell(dataset, s, size.m.method('finetune', dataset)).steps for s in sizes]
@@ -351,7 +361,7 @@ def size_tables(size: SizeMap) -> list[str]:
                   f'Test accuracy (%, mean ± 95% interval over seeds) at each method\'s own chosen rate, and the '
                   f'training steps (batch {size.m.settings.batch_size}):', '', head, rule,
                   '| steps | ' + ' | '.join(str(x) for x in steps) + ' |']
-        for method in ['finetune', *size.methods]:
+        for method in ['finetune', *methods]:
             cells = [mean_ci(size.accuracies(dataset, s, method)) for s in sizes]
             lines.append(f'| {size.labels[method]} | ' + ' | '.join(cells) + ' |')
         for protocol, label in PROTOCOLS:
@@ -360,11 +370,11 @@ def size_tables(size: SizeMap) -> list[str]:
             if protocol == 'shared':
                 lines.append('| shared rate | ' + ' | '.join(
                     f'{r:g}' if (r := size.rate(dataset, s, 'finetune', 'own')) else '' for s in sizes) + ' |')
-            for method in size.methods:
+            for method in methods:
                 lines.append(f'| {size.labels[method]} | ' + ' | '.join(
                     dtext(size.gain(dataset, s, method, protocol)) for s in sizes) + ' |')
         lines += ['', 'Chosen base learning rates (validation, sweep seeds):', '', head, rule]
-        for method in ['finetune', *size.methods]:
+        for method in ['finetune', *methods]:
             lines.append(f'| {size.labels[method]} | ' + ' | '.join(
                 f'{r:g}' if (r := size.rate(dataset, s, method, 'own')) else '' for s in sizes) + ' |')
         lines.append('')
@@ -391,10 +401,11 @@ def region_verdicts(size: SizeMap) -> tuple[list[str], dict]:
                 continue
             facts['regions'].append((dataset, band_name))
             for a, b, label in comparisons:
-                cells = []
+                cells, counted = [], 0
                 for protocol, _ in PROTOCOLS:
                     found = [(s, size.gain(dataset, s, a, protocol, b)) for s in sizes]
                     found = [(s, d) for s, d in found if d is not None]
+                    counted += len(found)
                     significant = [f'{size_name(s)}: {d.text()}' for s, d in found if d.sign]
                     cells.append(f'{sum(d.sign > 0 for _, d in found)} ahead, {sum(d.sign < 0 for _, d in found)} '
                                  f'behind of {len(found)}' + (f' ({"; ".join(significant)})' if significant else ''))
@@ -411,7 +422,8 @@ def region_verdicts(size: SizeMap) -> tuple[list[str], dict]:
                             facts['norm'].append((*where, d))
                         if a == 'lora' and protocol == 'own' and d.sign:
                             facts['lora_up' if d.sign > 0 else 'lora_down'].append((*where, d))
-                lines.append(f'| {short_task(dataset)} | {band_name} | {label} | {cells[0]} | {cells[1]} |')
+                if counted:  # a comparison with no stored cell in this region (not run yet) gets no row
+                    lines.append(f'| {short_task(dataset)} | {band_name} | {label} | {cells[0]} | {cells[1]} |')
     return lines, facts
 
 
