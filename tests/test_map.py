@@ -293,3 +293,13 @@ def test_quick_end_to_end_and_report_from_the_store(tiny, tmp_path):
     assert '(0 groups computed)' in again.stdout
     strip = lambda t: [line for line in t.splitlines() if not line.startswith(('Written by', '- 20'))]
     assert strip(open(path).read()) == strip(text)
+
+
+def test_settings_the_runs_do_not_record_are_refused():
+    """--config.growth.scale_init=20 would silently reuse runs made with gamma = 10: refused, by name."""
+    config = config_lib.base_config()
+    growth_map.check_recorded(config)  # the defaults pass
+    config.growth.scale_init = 20.0
+    config.train.optimizer = 'adamw'
+    with pytest.raises(growth_map.UserError, match=r'--config\.growth\.scale_init, --config\.train\.optimizer'):
+        growth_map.check_recorded(config)

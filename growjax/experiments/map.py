@@ -650,7 +650,9 @@ def axis_forgetting(m: Map, size: dict, filters: Filters = Filters()) -> dict:
                                       'source_after': source_accuracy(m, method, m.width, variables, split)})
                     if len(seeds) == s.seeds:
                         record = {'fingerprint': expected, 'seeds': seeds,
-                                  'source_before': source_accuracy(m, method, m.width, None, split)}
+                                  'source_before': source_accuracy(  # the plain architecture: the source
+                                      # model has no adapters (a LoRA model built here would miss its leaves)
+                                      m, make_method('finetune', m.base, 1, 1), m.width, None, split)}
                         paper.save_group(path, record)
                         m.computed += 1
                         print(f'forgetting {dataset} {shots or "full"}-shot {name}: source '
@@ -667,7 +669,8 @@ CONTINUAL_ARMS = (  # (name, label, method at A, method at B)
     ('ft_ft', 'fine-tune → fine-tune', 'finetune', 'finetune'),
     ('ft_wa', 'fine-tune → WA (grow at B only)', 'finetune', 'wa'),
     ('wa_ft', 'WA → no new units (grow at A only)', 'wa', 'wa'),
-    ('wa_wwa', 'WA → WWA (grow at each step)', 'wa', 'wwa'),
+    # WWA at B keeps A's trained fc7_plus (same leaf name) and adds S/2 units to fc6: fc7 gains no new units at B.
+    ('wa_wwa', 'WA → WWA (grow at each step: fc7 at A, fc6 at B)', 'wa', 'wwa'),
 )
 
 
@@ -839,6 +842,24 @@ def collect(m: Map) -> dict:
     return {**run_axes(m, (), Filters()), 'continual_arms': CONTINUAL_ARMS, 'gamma_variants': GAMMA_VARIANTS}
 
 
+# Settings the map's runs neither record in their fingerprints nor apply (the growth is the method's;
+# the runner trains with the paper's SGD, without warm-up or flips): changing one would reuse stored
+# runs made without it, so it is refused.
+UNRECORDED = ('growth.' + key for key in config_lib.base_config().growth.keys())
+UNRECORDED = (*UNRECORDED, 'train.optimizer', 'train.warmup_steps', 'data.flip', 'init.preserve_function')
+
+
+def check_recorded(config: ml_collections.ConfigDict) -> None:
+    """Raises UserError naming every UNRECORDED key that differs from growjax's default."""
+    default = config_lib.base_config()
+    changed = [key for key in UNRECORDED
+               if config[key.split('.')[0]][key.split('.')[1]] != default[key.split('.')[0]][key.split('.')[1]]]
+    if changed:
+        raise UserError(f'growjax.experiments.map: --config.{", --config.".join(changed)} cannot be changed: the map '
+                        'grows by its own methods (--methods) and trains with the paper\'s SGD, and its stored runs do '
+                        'not record these keys.')
+
+
 def record_invocation(workdir: str, entry: dict) -> None:
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, 'invocations.jsonl'), 'a') as f:
@@ -871,6 +892,14 @@ def main(argv: Sequence[str]) -> int:
     if f.seeds is not None:
         overrides['seeds'] = f.seeds
     settings = dataclasses.replace(settings, **overrides)
+    if 'finetune' not in settings.methods:  # the reference of every gain, always run first
+        settings = dataclasses.replace(settings, methods=('finetune', *settings.methods))
+    try:
+        check_recorded(f.config)
+        filters = Filters.parse(f.only)
+    except UserError as err:  # bad input: one line naming it, no traceback
+        print(f'error: {err}', file=sys.stderr)
+        return 2
     axes = tuple(f.axes or AXES)
     unknown = (set(axes) - set(AXES)) | (set(settings.methods) - set(METHOD_NAMES))
     if unknown or settings.sweep_seeds > settings.seeds:
@@ -881,7 +910,7 @@ def main(argv: Sequence[str]) -> int:
     started = time.perf_counter()
     m = Map(f.config, settings, f.workdir, max_seconds=None if f.max_minutes is None else 60 * f.max_minutes)
     if not f.report_only:
-        run_axes(m, axes, Filters.parse(f.only))
+        run_axes(m, axes, filters)
         record_invocation(f.workdir, {'command': typed, 'axes': list(axes), 'only': list(f.only or ()),
                                       'computed': m.computed, 'minutes': (time.perf_counter() - started) / 60,
                                       'compute_minutes': m.compute_seconds / 60, 'stopped': m.stopped,

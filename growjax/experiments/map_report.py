@@ -399,7 +399,8 @@ def region_verdicts(size: SizeMap) -> tuple[list[str], dict]:
             sizes = band_sizes(size, dataset, band)
             if not sizes:
                 continue
-            facts['regions'].append((dataset, band_name))
+            if any(size.gain(dataset, s, method, 'own') is not None for s in sizes for method in growth):
+                facts['regions'].append((dataset, band_name))  # the closing note speaks only of regions measured
             for a, b, label in comparisons:
                 cells, counted = [], 0
                 for protocol, _ in PROTOCOLS:
@@ -625,8 +626,9 @@ def gamma_lines(m, gamma: dict | None, size: SizeMap, variants: Sequence[tuple])
             for protocol, _ in PROTOCOLS:
                 found = [(s, size.gain(dataset, s, 'wa_data', protocol, 'wa')) for s in size.sizes(dataset)]
                 cells.append(', '.join(f'{size_name(s)}: {d.text()}' for s, d in found if d is not None))
-            same = [sum(size.rate(dataset, s, name, 'own') == size.rate(dataset, s, 'finetune', 'own')
-                        for s in size.sizes(dataset)) for name in ('wa', 'wa_data')]
+            same = [sum(rate is not None and rate == size.rate(dataset, s, 'finetune', 'own')
+                        for s in size.sizes(dataset) for rate in [size.rate(dataset, s, name, 'own')])
+                    for name in ('wa', 'wa_data')]
             lines.append(f'| {short_task(dataset)} | {cells[0]} | {cells[1]} | {same[0]} / {same[1]} of '
                          f'{len(size.sizes(dataset))} |')
         lines.append('')

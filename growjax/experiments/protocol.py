@@ -108,7 +108,7 @@ def run_protocol(trainer, shots: int, settings: Settings, *, runs: Sequence[dict
         for call_seeds, call_rates in calls:
             for run in trainer.run(shots, call_seeds, call_rates, **(run_kwargs or {})):
                 run = run.to_json()
-                done[(run['seed'], run['learning_rate'])] = run
+                done.setdefault((run['seed'], run['learning_rate']), run)  # a stored run is kept as it was
             if saved is not None:
                 saved({'chosen_lr': None, 'runs': list(done.values())})
 
