@@ -845,15 +845,15 @@ def collect(m: Map) -> dict:
 # Settings the map's runs neither record in their fingerprints nor apply (the growth is the method's;
 # the runner trains with the paper's SGD, without warm-up or flips): changing one would reuse stored
 # runs made without it, so it is refused.
-UNRECORDED = ('growth.' + key for key in config_lib.base_config().growth.keys())
-UNRECORDED = (*UNRECORDED, 'train.optimizer', 'train.warmup_steps', 'data.flip', 'init.preserve_function')
+UNRECORDED = (*(f'growth.{key}' for key in config_lib.base_config().growth.keys()),
+              'train.optimizer', 'train.warmup_steps', 'data.flip', 'init.preserve_function')
 
 
 def check_recorded(config: ml_collections.ConfigDict) -> None:
     """Raises UserError naming every UNRECORDED key that differs from growjax's default."""
     default = config_lib.base_config()
-    changed = [key for key in UNRECORDED
-               if config[key.split('.')[0]][key.split('.')[1]] != default[key.split('.')[0]][key.split('.')[1]]]
+    sections = [key.split('.') for key in UNRECORDED]
+    changed = [f'{section}.{name}' for section, name in sections if config[section][name] != default[section][name]]
     if changed:
         raise UserError(f'growjax.experiments.map: --config.{", --config.".join(changed)} cannot be changed: the map '
                         'grows by its own methods (--methods) and trains with the paper\'s SGD, and its stored runs do '
