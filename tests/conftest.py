@@ -25,21 +25,35 @@ def cache_dir(tmp_path_factory):
     return str(tmp_path_factory.mktemp('cache'))
 
 
+def tiny_base_config(data_dir: str, cache_dir: str):
+    """growjax's defaults on the tiny data, with the tiny source model (quarter width, 8 steps)."""
+    from growjax import config_lib
+    c = config_lib.base_config()
+    c.model.width = 0.25
+    c.init.cache_dir = cache_dir
+    c.init.pretrain_steps = 8
+    c.init.source_dataset = SOURCE
+    c.data.data_dir = data_dir
+    c.train.progress = False
+    return c
+
+
+@pytest.fixture(scope='session')
+def tiny_base(data_dir, cache_dir):
+    """A factory of the base config the experiments (paper, map) start from, on the tiny data (with
+    the shared cached source model, or one in `cache`)."""
+    return lambda cache=cache_dir: tiny_base_config(data_dir, cache)
+
+
 @pytest.fixture
 def tiny_config(data_dir, cache_dir):
     """A factory of configs for runs of a few seconds: tiny model and data, 12 steps."""
-    from growjax import config_lib
 
     def make(method='wa'):
-        c = config_lib.base_config()
-        c.model.width = 0.25
+        c = tiny_base_config(data_dir, cache_dir)
         c.growth.method = method
         c.growth.units = 16
-        c.init.cache_dir = cache_dir
-        c.init.pretrain_steps = 8
-        c.init.source_dataset = SOURCE
         c.data.name = TARGET
-        c.data.data_dir = data_dir
         c.data.shots_per_class = 2
         c.train.steps = 12
         c.train.batch_size = 16
@@ -47,7 +61,6 @@ def tiny_config(data_dir, cache_dir):
         c.train.eval_every = 8
         c.train.checkpoint_every = 4
         c.train.eval_batch_size = 64
-        c.train.progress = False
         return c
     return make
 

@@ -144,15 +144,9 @@ def test_batch_plan_with_zero_shots_walks_the_whole_pool():
 
 
 @pytest.fixture(scope='module')
-def tiny(data_dir, cache_dir):
+def tiny(tiny_base):
     """The tiny set-up of conftest (its data and cached source model), as the map's runner reads it."""
-    config = config_lib.base_config()
-    config.model.width = 0.25
-    config.init.cache_dir = cache_dir
-    config.init.pretrain_steps = 8
-    config.init.source_dataset = SOURCE
-    config.data.data_dir = data_dir
-    config.train.progress = False
+    config = tiny_base()
     return config, runner.load_task(config, TARGET), train.load_pretrained(config)
 
 
@@ -303,3 +297,26 @@ def test_settings_the_runs_do_not_record_are_refused():
     config.train.optimizer = 'adamw'
     with pytest.raises(growth_map.UserError, match=r'--config\.growth\.scale_init, --config\.train\.optimizer'):
         growth_map.check_recorded(config)
+
+
+def test_bad_sizes_and_too_few_seeds_are_one_line_errors():
+    for flag, expected in (('--sizes=1,x', '--sizes must be examples per class'),
+                           ('--seeds=1', '--seeds=1 is below the 2 seeds that select the learning rate')):
+        result = subprocess.run([sys.executable, '-m', 'growjax.experiments.map', flag, '--report_only'], cwd=REPO,
+                                capture_output=True, text=True, timeout=300)
+        assert result.returncode == 2 and expected in result.stderr, result.stderr[-2000:]
+        assert 'Traceback' not in result.stderr
+
+
+def test_lora_rank_is_matched_per_target_and_tables_say_which():
+    """The matched rank depends on the classifier's size: one label for all targets would misreport it."""
+    base = config_lib.base_config()
+    few, many = (growth_map.make_method('lora', base, 128, classes) for classes in (10, 131))
+    assert few.label == many.label and 'r' not in few.label.split('(')[0].replace('LoRA', '')
+    assert dict(few.overrides)['growth.lora_rank'] < dict(many.overrides)['growth.lora_rank']
+
+
+def test_groups_with_fewer_seeds_than_planned_are_marked():
+    assert map_report.seeds_text({0: 0.5, 1: 0.7}, 5) == '60.0 ± 127.1 (2 of 5 seeds)'
+    assert map_report.seeds_text({s: 0.5 for s in range(5)}, 5) == '50.0 ± 0.0'
+    assert map_report.seeds_text({}, 5) == ''

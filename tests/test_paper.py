@@ -7,31 +7,12 @@ import sys
 import numpy as np
 import pytest
 
-from growjax import config_lib, data
+from growjax import data
 from growjax.experiments import paper, protocol, report, runner
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SOURCE = 'growjax_latin/16px_max10'
 TARGET = 'growjax_greek/16px_max10'
-
-
-@pytest.fixture(scope='module')
-def data_dir(tmp_path_factory):
-    directory = str(tmp_path_factory.mktemp('tfds'))
-    for name in (SOURCE, TARGET):
-        data.prepare_builtin(name, directory)
-    return directory
-
-
-def tiny_base(data_dir, cache_dir):
-    config = config_lib.base_config()
-    config.model.width = 0.25
-    config.init.cache_dir = cache_dir
-    config.init.pretrain_steps = 8
-    config.init.source_dataset = SOURCE
-    config.data.data_dir = data_dir
-    config.train.progress = False
-    return config
 
 
 def test_batch_plan_uses_only_the_few_shot_draw_and_is_paired_by_seed():
@@ -98,8 +79,8 @@ def test_paired_differences_and_verdicts():
     assert 'both directions' in report.verdict([better, worse, noisy])
 
 
-def test_finished_groups_are_reused_and_changed_settings_recomputed(data_dir, tmp_path):
-    base = tiny_base(data_dir, str(tmp_path / 'cache'))
+def test_finished_groups_are_reused_and_changed_settings_recomputed(tiny_base, tmp_path):
+    base = tiny_base(str(tmp_path / 'cache'))
     settings = dataclasses.replace(paper.FULL, tasks=((TARGET, 1), (TARGET, 2)), methods=('scratch',),
                                    regimes=('all',), seeds=2, sweep_seeds=1, learning_rates=(0.01, 0.1), steps=4,
                                    eval_every=2)

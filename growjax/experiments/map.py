@@ -137,10 +137,6 @@ class MapMethod:
     def variant(self) -> Variant:
         return Variant(self.name, self.method, self.overrides)
 
-    @property
-    def grows(self) -> bool:
-        return self.variant.grows
-
     def fingerprint(self) -> list:
         return [['growth.method', self.method], *(list(item) for item in self.overrides), ['regime', self.regime],
                 ['scales_from_data', self.scales]]
@@ -161,7 +157,7 @@ def make_method(name: str, base, units: int, num_classes: int) -> MapMethod:
         return MapMethod('wwa', 'wwa', s, label='WWA')
     if name == 'lora':
         rank = paper.matched_lora_rank(base, units, num_classes)  # adds about as many parameters as WA
-        return MapMethod('lora', 'lora', (('growth.lora_rank', rank),), regime='new', label=f'LoRA r={rank} (`new`)')
+        return MapMethod('lora', 'lora', (('growth.lora_rank', rank),), regime='new', label='LoRA (`new`)')
     if name == 'wa_data':
         return MapMethod('wa_data', 'wa', s, scales='group', label='WA-grow, γ from data')
     if name == 'wa_data_first':
@@ -234,10 +230,6 @@ def fingerprint(cell: Cell, base, settings: MapSettings, pretrained: str | None)
     }))
 
 
-def load_runs(path: str, expected: dict) -> dict | None:
-    return paper.load_group(path, expected)
-
-
 # ---------------------------------------------------------------------------------------------
 # The experiment's state: tasks, source models, trainers, stored groups
 
@@ -252,13 +244,11 @@ class Map:
         self.compute = compute  # False: read stored groups only (the report)
         self.deadline = None if max_seconds is None else time.perf_counter() + max_seconds
         self._tasks: dict[str, runner.Task] = {}
-        self._sources: dict[int, tuple[dict, str]] = {}
+        self._sources: dict[int, dict] = {}
         self._trainers: dict[tuple, runner.Trainer] = {}
         self.computed = 0
         self.compute_seconds = 0.0
-        self.pretrain_seconds = 0.0
         self.stopped = False  # --max_minutes reached
-        self.log: list[str] = []
 
     # -- data and models
 
@@ -274,6 +264,10 @@ class Map:
         """The sizes that differ for this dataset: one at or above its smallest class is the whole split (0)."""
         smallest = int(self.class_counts(dataset).min())
         return list(dict.fromkeys(0 if s == 0 or s >= smallest else s for s in sizes))
+
+    def size(self, dataset: str, shots: int) -> int:
+        """`shots` as the map stores it for this dataset (see sizes)."""
+        return self.sizes(dataset, [shots])[0]
 
     def examples(self, dataset: str, shots: int) -> int:
         counts = self.class_counts(dataset)
@@ -292,10 +286,8 @@ class Map:
     def source(self, width: int) -> dict:
         """The source model of this fc width (pretrained on the source task once, then cached)."""
         if width not in self._sources:
-            started = time.perf_counter()
-            self._sources[width] = (train.load_pretrained(fc_base(self.base, width)), self.source_dir(width))
-            self.pretrain_seconds += time.perf_counter() - started
-        return self._sources[width][0]
+            self._sources[width] = train.load_pretrained(fc_base(self.base, width))
+        return self._sources[width]
 
     def method(self, name: str, dataset: str, units: int | None = None) -> MapMethod:
         return make_method(name, self.base, self.settings.units if units is None else units,
@@ -328,7 +320,7 @@ class Map:
                            else self.source_dir(cell.width))
 
     def stored(self, cell: Cell, pretrained: str | None = None) -> dict | None:
-        return load_runs(cell.path(self.workdir), self.expected(cell, pretrained))
+        return paper.load_group(cell.path(self.workdir), self.expected(cell, pretrained))
 
     def out_of_time(self) -> bool:
         if self.deadline is not None and time.perf_counter() > self.deadline:
@@ -348,7 +340,7 @@ class Map:
         """The cell's group: stored runs, topped up to the protocol (None if missing and not computing)."""
         expected = self.expected(cell, pretrained_id)
         path = cell.path(self.workdir)
-        group = load_runs(path, expected)
+        group = paper.load_group(path, expected)
         settings = settings or self.protocol_settings()
         if not self.compute or (group is not None and complete(group, settings, extra_rates)) or self.out_of_time():
             return group
@@ -372,10 +364,8 @@ class Map:
         self.computed += 1
         self.compute_seconds += seconds
         accuracy = np.mean([r['test']['accuracy'] for r in protocol.chosen_runs(group)])
-        line = (f'{what:58s} {cell.steps:5d} steps  lr={result["chosen_lr"]:<6g} test {accuracy:.3f}  '
-                f'({seconds:5.1f} s)')
-        print(line, flush=True)
-        self.log.append(line)
+        print(f'{what:58s} {cell.steps:5d} steps  lr={result["chosen_lr"]:<6g} test {accuracy:.3f}  ({seconds:5.1f} s)',
+              flush=True)
         return group
 
     # -- variables of finished runs (forgetting, continual), cached as .npz
@@ -529,6 +519,7 @@ def capacity_plan(m: Map) -> list[tuple[int, str, float | None]]:
 def axis_capacity(m: Map, filters: Filters = Filters()) -> dict:
     """{(width, method name, ratio): group} on the capacity cell."""
     dataset, shots = m.settings.capacity_cell
+    shots = m.size(dataset, shots)
     found = {}
     for width, name, ratio in capacity_plan(m):
         with _Admit(m, filters.admit(dataset, shots, width, name)):
@@ -544,6 +535,7 @@ def axis_capacity(m: Map, filters: Filters = Filters()) -> dict:
 def axis_lr(m: Map, filters: Filters = Filters()) -> dict:
     """{method name: group}: every seed at every rate on the lr cell."""
     dataset, shots = m.settings.lr_cell
+    shots = m.size(dataset, shots)
     found = {}
     for name in m.settings.lr_methods:
         with _Admit(m, filters.admit(dataset, shots, m.width, name)):
@@ -635,7 +627,7 @@ def axis_forgetting(m: Map, size: dict, filters: Filters = Filters()) -> dict:
                 expected = {'runs': m.expected(m.cell(dataset, shots, method, m.width)), 'lr': base['chosen_lr'],
                             'seeds': s.seeds}
                 path = cell.path(m.workdir)
-                record = load_runs(path, expected)
+                record = paper.load_group(path, expected)
                 if record is None and m.compute and filters.admit(dataset, shots, m.width, name) and not m.out_of_time():
                     split = split or source_split(m, 'test')
                     stored = {r['seed']: r for r in protocol.chosen_runs(base)}
@@ -699,6 +691,7 @@ def axis_continual(m: Map, size: dict, filters: Filters = Filters()) -> dict:
     """{arm name: group at B} and {('A', method): group at A}, {('direct', method): group source -> B}."""
     s = m.settings
     (a_set, a_shots), (b_set, b_shots) = s.continual_a, s.continual_b
+    a_shots, b_shots = m.size(a_set, a_shots), m.size(b_set, b_shots)
     found = {}
     for name in ('finetune', 'wa'):
         with _Admit(m, filters.admit(a_set, a_shots, m.width, name)):
@@ -776,7 +769,7 @@ def axis_gamma(m: Map, filters: Filters = Filters()) -> dict | None:
                 'variants': [list(v[2:]) for v in variants], 'batch_size': s.batch_size,
                 'model': paper.model_settings(fc_base(m.base, m.width))}
     path = os.path.join(m.workdir, 'runs', 'gamma_step0.json')
-    record = load_runs(path, expected)
+    record = paper.load_group(path, expected)
     if record is not None or not m.compute or not filters.admit(m.base.init.source_dataset, None, m.width, 'gamma'):
         return record
     source = m.source(m.width)
@@ -886,6 +879,10 @@ def main(argv: Sequence[str]) -> int:
     if f.tasks:
         overrides['tasks'] = tuple(f.tasks)
     if f.sizes:
+        if not all(x.isdigit() for x in f.sizes):
+            print(f'error: --sizes must be examples per class (0: the whole train split), got {",".join(f.sizes)}.',
+                  file=sys.stderr)
+            return 2
         overrides['sizes'] = tuple(int(x) for x in f.sizes)
     if f.methods:
         overrides['methods'] = tuple(f.methods)
@@ -902,9 +899,13 @@ def main(argv: Sequence[str]) -> int:
         return 2
     axes = tuple(f.axes or AXES)
     unknown = (set(axes) - set(AXES)) | (set(settings.methods) - set(METHOD_NAMES))
-    if unknown or settings.sweep_seeds > settings.seeds:
-        print(f'error: axes must be among {list(AXES)}, methods among {list(METHOD_NAMES)}, and sweep_seeds <= seeds '
-              f'(got {sorted(unknown)}).', file=sys.stderr)
+    if unknown:
+        print(f'error: axes must be among {list(AXES)} and methods among {list(METHOD_NAMES)} (got {sorted(unknown)}).',
+              file=sys.stderr)
+        return 2
+    if settings.sweep_seeds > settings.seeds:
+        print(f'error: --seeds={settings.seeds} is below the {settings.sweep_seeds} seeds that select the learning '
+              'rate.', file=sys.stderr)
         return 2
     typed = ' '.join(['python -m growjax.experiments.map', *sys.argv[1:]]).strip()
     started = time.perf_counter()

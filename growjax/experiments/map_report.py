@@ -83,17 +83,41 @@ def diff(a: dict[int, float], b: dict[int, float] | float) -> Diff | None:
     return Diff(float(d.mean()), float(d.mean() - half), float(d.mean() + half), len(d), p)
 
 
-def mean_ci(values_: dict[int, float] | Sequence[float]) -> str:
-    x = 100 * np.asarray(list(values_.values()) if isinstance(values_, dict) else list(values_))
+def mean_half(values_: dict[int, float] | Sequence[float]) -> tuple[float, float]:
+    """(mean, half-width of the 95% t-interval) in points; nan without values, half 0 for one value."""
+    x = 100 * np.asarray(list(values_.values()) if isinstance(values_, dict) else list(values_), float)
     if len(x) < 2:
-        return f'{x.mean():.1f}' if len(x) else ''
+        return (float(x.mean()) if len(x) else math.nan), 0.0
     from scipy import stats
-    half = stats.t.ppf(0.975, len(x) - 1) * x.std(ddof=1) / math.sqrt(len(x))
-    return f'{x.mean():.1f} ± {half:.1f}'
+    return float(x.mean()), float(stats.t.ppf(0.975, len(x) - 1) * x.std(ddof=1) / math.sqrt(len(x)))
+
+
+def mean_ci(values_: dict[int, float] | Sequence[float]) -> str:
+    mean, half = mean_half(values_)
+    if math.isnan(mean):
+        return ''
+    return f'{mean:.1f} ± {half:.1f}' if len(values_) > 1 else f'{mean:.1f}'
 
 
 def dtext(d: Diff | None) -> str:
     return '' if d is None else d.text()
+
+
+def seeds_text(values_: dict[int, float], seeds: int) -> str:
+    """mean_ci, marked when fewer than the planned seeds are stored (a group computed part-way)."""
+    text = mean_ci(values_)
+    return f'{text} ({len(values_)} of {seeds} seeds)' if text and len(values_) < seeds else text
+
+
+def lora_rank(m, dataset: str) -> int:
+    """LoRA's rank on one target: matched to WA's added parameters, so it depends on the number of classes."""
+    return dict(m.method('lora', dataset).overrides)['growth.lora_rank']
+
+
+def row_label(m, name: str, dataset: str) -> str:
+    """A method's label in one target's tables (LoRA's with its rank there)."""
+    label = m.method(name, dataset).label
+    return f'{label} r = {lora_rank(m, dataset)}' if name == 'lora' else label
 
 
 class SizeMap:
@@ -117,7 +141,9 @@ class SizeMap:
         return None if group is None else group.get('chosen_lr')
 
     def accuracies(self, dataset: str, shots: int, method: str, protocol: str = 'own') -> dict[int, float]:
-        return values(self.groups.get((dataset, shots, method)), self.rate(dataset, shots, method, protocol))
+        """{seed: test accuracy} over the planned seeds (runs of a larger --seeds are not mixed in)."""
+        found = values(self.groups.get((dataset, shots, method)), self.rate(dataset, shots, method, protocol))
+        return {seed: a for seed, a in found.items() if seed < self.m.settings.seeds}
 
     def gain(self, dataset: str, shots: int, method: str, protocol: str, reference: str = 'finetune') -> Diff | None:
         a = self.accuracies(dataset, shots, method, protocol)
@@ -197,7 +223,6 @@ def figure_accuracy(size: SizeMap, path: str) -> str | None:
     if not size.tasks:
         return None
     plt = _plt()
-    from scipy import stats
     fig, axes = plt.subplots(1, len(size.tasks), figsize=(4.5 * len(size.tasks), 3.6), squeeze=False)
     for t, dataset in enumerate(size.tasks):
         ax = axes[0][t]
@@ -205,11 +230,12 @@ def figure_accuracy(size: SizeMap, path: str) -> str | None:
         for k, method in enumerate(['finetune', *size.methods]):
             xs, ys, errs = [], [], []
             for j, shots in enumerate(sizes):
-                acc = list(size.accuracies(dataset, shots, method).values())
+                acc = size.accuracies(dataset, shots, method)
                 if len(acc) >= 2:
+                    mean, half = mean_half(acc)
                     xs.append(j)
-                    ys.append(100 * np.mean(acc))
-                    errs.append(100 * stats.t.ppf(0.975, len(acc) - 1) * np.std(acc, ddof=1) / math.sqrt(len(acc)))
+                    ys.append(mean)
+                    errs.append(half)
             if xs:
                 ax.errorbar(xs, ys, yerr=errs, marker='o', markersize=3, capsize=2, linewidth=1.2 if method == 'finetune'
                             else 0.8, color='black' if method == 'finetune' else f'C{k - 1}',  # one colour per method
@@ -250,7 +276,7 @@ def figure_convergence(m, size: SizeMap, path: str) -> str | None:
                 curve = np.mean([[v['accuracy'] for v in r['validation']] for r in runs], axis=0)
                 ax.plot(steps / steps[-1], 100 * curve, style, marker='.', color=f'C{k}',
                         label=f'{size_name(shots)} ({int(steps[-1])} steps)' if method == 'finetune' else None)
-        ax.set_xlabel('fraction of training (lr / 10 at 0.5 and 0.8)')
+        ax.set_xlabel(f'fraction of training (lr / 10 at {" and ".join(f"{x:g}" for x in m.base.train.lr_decay_at)})')
         ax.set_ylabel('validation accuracy (%)')
         ax.set_title(f'{task_name(dataset)}: fine-tuning (solid), WA-grow (dashed)', fontsize=8)
         ax.legend(fontsize=7, title='examples per class', title_fontsize=7)
@@ -296,16 +322,15 @@ def figure_lr(m, lr: dict, labels: dict, path: str) -> str | None:
     if 'finetune' not in lr:
         return None
     plt = _plt()
-    from scipy import stats
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     rates = list(s.learning_rates)
     for name, group in lr.items():
         means, errs, gains, gerrs = [], [], [], []
         for rate in rates:
             acc = values(group, rate)
-            x = 100 * np.asarray(list(acc.values()))
-            means.append(x.mean() if len(x) else np.nan)
-            errs.append(stats.t.ppf(0.975, len(x) - 1) * x.std(ddof=1) / math.sqrt(len(x)) if len(x) > 1 else 0)
+            mean, half = mean_half(acc)
+            means.append(mean)
+            errs.append(half)
             d = diff(acc, values(lr['finetune'], rate))
             gains.append(np.nan if d is None else 100 * d.mean)
             gerrs.append(0 if d is None else 100 * (d.high - d.mean))
@@ -317,7 +342,7 @@ def figure_lr(m, lr: dict, labels: dict, path: str) -> str | None:
         ax.set_xscale('log')
         ax.set_xticks(rates, [f'{r:g}' for r in rates])
         ax.minorticks_off()
-        ax.set_xlabel('base learning rate (new leaves at 10x)')
+        ax.set_xlabel(f'base learning rate (new leaves at {m.base.train.new_lr_multiplier:g}x)')
         ax.grid(alpha=0.3)
     axes[0].set_ylabel('test accuracy (%)')
     axes[1].set_ylabel('− fine-tuning at the same rate (points)')
@@ -362,8 +387,8 @@ def size_tables(size: SizeMap) -> list[str]:
                   f'training steps (batch {size.m.settings.batch_size}):', '', head, rule,
                   '| steps | ' + ' | '.join(str(x) for x in steps) + ' |']
         for method in ['finetune', *methods]:
-            cells = [mean_ci(size.accuracies(dataset, s, method)) for s in sizes]
-            lines.append(f'| {size.labels[method]} | ' + ' | '.join(cells) + ' |')
+            cells = [seeds_text(size.accuracies(dataset, s, method), size.m.settings.seeds) for s in sizes]
+            lines.append(f'| {row_label(size.m, method, dataset)} | ' + ' | '.join(cells) + ' |')
         for protocol, label in PROTOCOLS:
             lines += ['', f'Gain over fine-tuning (points, paired, [95% interval], * p < 0.05), {label}:', '', head,
                       rule]
@@ -371,11 +396,11 @@ def size_tables(size: SizeMap) -> list[str]:
                 lines.append('| shared rate | ' + ' | '.join(
                     f'{r:g}' if (r := size.rate(dataset, s, 'finetune', 'own')) else '' for s in sizes) + ' |')
             for method in methods:
-                lines.append(f'| {size.labels[method]} | ' + ' | '.join(
+                lines.append(f'| {row_label(size.m, method, dataset)} | ' + ' | '.join(
                     dtext(size.gain(dataset, s, method, protocol)) for s in sizes) + ' |')
         lines += ['', 'Chosen base learning rates (validation, sweep seeds):', '', head, rule]
         for method in ['finetune', *methods]:
-            lines.append(f'| {size.labels[method]} | ' + ' | '.join(
+            lines.append(f'| {row_label(size.m, method, dataset)} | ' + ' | '.join(
                 f'{r:g}' if (r := size.rate(dataset, s, method, 'own')) else '' for s in sizes) + ' |')
         lines.append('')
     return lines
@@ -448,8 +473,8 @@ def closing_note(size: SizeMap, facts: dict) -> str:
     learning_rate_only = [x for x in up_shared if (x[0], x[2], x[3]) not in {(y[0], y[2], y[3]) for y in up_own}]
     second = (f'At fine-tuning\'s rate for every method (the paper\'s protocol) it did in {len(up_shared)}, of which '
               f'{len(learning_rate_only)} vanish when each method gets its own rate, so '
-              + ('that part of the gain is a learning-rate effect' if learning_rate_only else
-                 'no part of the gain found there is a learning-rate effect') + '.')
+              + ('those gains depend on the rate each method is given' if learning_rate_only else
+                 'none of them depends on the rate each method is given') + '.')
     hurt = sorted({(short_task(d), b) for d, b, *_ in down_own})
     not_helped = [(short_task(d), b) for d, b in facts['regions'] if (short_task(d), b) not in helped]
     third = (f'It did not help in {", ".join(f"{t} {b}" for t, b in not_helped) or "no region"}'
@@ -497,7 +522,7 @@ def capacity_lines(m, capacity: dict) -> list[str]:
         lines.append(f'| *{label}* |' + ' |' * (1 + columns))
         for width in s.widths:
             ft = capacity.get((width, 'finetune', None))
-            acc = mean_ci(values(ft, ft.get('chosen_lr'))) if ft else ''
+            acc = seeds_text(values(ft, ft.get('chosen_lr')), s.seeds) if ft else ''
             cells = [dtext(capacity_gain(m, capacity, width, 'wa', r, protocol)) for r in s.ratios]
             if ori:
                 cells.append(dtext(capacity_gain(m, capacity, width, 'wa_ori', s.capacity_ori_ratio, protocol)))
@@ -573,20 +598,20 @@ def continual_lines(m, continual: dict, arms: Sequence[tuple]) -> list[str]:
             continue
         group = continual.get(arm)
         a = continual.get(('A', a_name))
-        a_acc = mean_ci(values(a, a.get('chosen_lr'))) if a else ''
+        a_acc = seeds_text(values(a, a.get('chosen_lr')), s.seeds) if a else ''
         if group is None:
             lines.append(f'| {label} | {a_acc} | | | |')
             continue
         own = values(group, group.get('chosen_lr'))
         ft_own = values(ft, ft.get('chosen_lr')) if ft else {}
         shared = values(group, ft.get('chosen_lr')) if ft else {}
-        lines.append(f'| {label} | {a_acc} | {mean_ci(own)} | {dtext(diff(own, ft_own)) if arm != "ft_ft" else ""} | '
+        lines.append(f'| {label} | {a_acc} | {seeds_text(own, s.seeds)} | {dtext(diff(own, ft_own)) if arm != "ft_ft" else ""} | '
                      f'{dtext(diff(shared, ft_own)) if arm != "ft_ft" else ""} |')
     for name in ('finetune', 'wa'):
         direct = continual.get(('direct', name))
         if direct is not None:
             lines.append(f'| source → B directly, {m.method(name, b_set).label} | | '
-                         f'{mean_ci(values(direct, direct.get("chosen_lr")))} | '
+                         f'{seeds_text(values(direct, direct.get("chosen_lr")), s.seeds)} | '
                          f'{dtext(diff(values(direct, direct.get("chosen_lr")), values(ft, ft.get("chosen_lr")))) if ft else ""} | |')
     return lines + ['']
 
@@ -737,11 +762,12 @@ def section(m, results: dict, docs_dir: str, *, command: str, invocations: list[
         'Cyrillic, Armenian and Georgian scripts that look like no Latin or Greek letter, rendered in the held-out '
         'fonts (growjax/data/builtin.py, `growjax_scripts`).',
         f'- Methods (S = {s.units} new units): ' + ', '.join(labels[n] for n in s.methods) + '. Regime `all` (every '
-        'layer trains, new leaves at 10x); LoRA in `new` (frozen network, adapters and classifier: classic LoRA), at '
-        'the rank that adds about as many parameters as WA.',
+        f'layer trains, new leaves at {m.base.train.new_lr_multiplier:g}x); LoRA in `new` (frozen network, adapters '
+        'and classifier: classic LoRA), at the rank that adds about as many parameters as WA ('
+        + ', '.join(f'{short_task(t)}: r = {lora_rank(m, t)}' for t in s.tasks) + ').',
         f'- Training: SGD momentum {m.base.train.momentum}, batch {s.batch_size}, max({s.min_steps}, '
         f'{s.epochs:g} epochs) steps, learning rate / 10 at {tuple(m.base.train.lr_decay_at)} of training, random '
-        '2-pixel crops. Convergence: see below.',
+        f'{m.base.data.crop_padding}-pixel crops. Convergence: see below.',
         f'- Protocol: every (cell, method) sweeps {list(s.learning_rates)}; seeds {list(range(s.sweep_seeds))} '
         f'select on validation; test accuracy over seeds {list(range(s.seeds))}. Two readings: **per-method** (each '
         'method at its own chosen rate) and **shared** (every method at the rate chosen for fine-tuning, one rate '

@@ -116,6 +116,7 @@ class Trainer:
         self.num_steps, self.batch_size, self.eval_every = num_steps, batch_size, eval_every
         self.crop_padding = crop_padding
         self.lr_decay_at = tuple(lr_decay_at)
+        self.scales_from_data = scales_from_data
         self._pretrained = pretrained
         image_shape = task.train.images.shape[1:]
         sample = jnp.zeros((1, *image_shape), jnp.float32)
@@ -227,7 +228,9 @@ class Trainer:
         keys = jnp.stack([jax.random.key(seed) for seed in seeds])
         dropout_keys = jnp.stack([jax.random.fold_in(jax.random.key(seed), 1) for seed in seeds])
         lrs = jnp.asarray(np.tile(np.asarray(learning_rates, np.float32), (len(seeds), 1)))
-        first = jnp.asarray(self._first_batches(ids_host, offsets_host))
+        # Only scales_from_data reads the first batches (an empty stand-in otherwise, nothing gathered).
+        first = jnp.asarray(self._first_batches(ids_host, offsets_host) if self.scales_from_data
+                            else np.zeros((len(seeds), 0), np.float32))
         state, initial = self._repeat(self._init(keys, pretrained, first), len(learning_rates))
         # The schedule's factor at each step, for a trainer without a fixed number of steps (ignored otherwise).
         schedule = steps.step_schedule(1.0, num_steps, self.lr_decay_at)
