@@ -32,24 +32,13 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from growjax import Growth, config_lib, groups, grow_params, models, steps, train  # noqa: E402
+from timing import matmul_peak  # noqa: E402  (bench/timing.py)
 
 CNN_CASES = {'resnet50': Growth(widen={'stage4': 128}), 'vgg16': Growth.wa(1024)}
 # ViT-B/16: (growth.method, growth.blocks, growth.units); --tiny scales them down (TINY_VIT).
 VIT_CASES = {'vit_b16_wa': ('wa', 4, 768), 'vit_b16_da': ('da', 2, 0)}
 TINY_VIT = {'width': 64, 'depth': 4, 'mlp_dim': 256, 'num_heads': 2, 'blocks': 2, 'units': 64}
 MODELS = (*CNN_CASES, *VIT_CASES)
-
-
-def measured_peak(n):
-    a = jnp.ones((n, n), jnp.bfloat16)
-    f = jax.jit(lambda x: x @ x)
-    f(a).block_until_ready()
-    t = []
-    for _ in range(5):
-        s = time.perf_counter()
-        f(a).block_until_ready()
-        t.append(time.perf_counter() - s)
-    return 2 * n ** 3 / min(t)
 
 
 def cnn_setup(name, args):
@@ -134,7 +123,7 @@ def main():
     unknown = set(names) - set(MODELS)
     if unknown:
         raise SystemExit(f'--models: unknown {sorted(unknown)}; models: {list(MODELS)}')
-    peak = args.peak_tflops * 1e12 or measured_peak(512 if args.tiny or args.width < 1 else 4096)
+    peak = args.peak_tflops * 1e12 or matmul_peak(512 if args.tiny or args.width < 1 else 4096, dtype=jnp.bfloat16)
     print(f'{jax.devices()[0].device_kind} x{jax.device_count()}, jax {jax.__version__}; bf16 compute, '
           f'{args.size}px, batch {args.batch}, CNN width {args.width}{", tiny ViTs" if args.tiny else ""}; '
           f'peak {peak / 1e12:.2f} TFLOP/s ({"given" if args.peak_tflops else "measured bf16 matmul"})\n')

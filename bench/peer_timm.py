@@ -57,6 +57,7 @@ import torch.nn.functional as F  # noqa: E402
 from timm.models.vision_transformer import VisionTransformer  # noqa: E402
 
 import vit_step  # noqa: E402  (bench/vit_step.py: growjax's step, reused as is)
+from timing import Timed, TorchThreads, measure, paired  # noqa: E402  (bench/timing.py)
 from growjax import models, pretrained  # noqa: E402
 
 torch.set_num_threads(args.threads)
@@ -90,10 +91,11 @@ def same_function(case: vit_step.Case) -> float:
     return float(np.abs(np.asarray(ours.apply(variables, jnp.asarray(x))) - reference).max())
 
 
-class TimmStep:
+class TimmStep(Timed):
     """model.train(); forward, cross-entropy, backward, SGD step (and the accuracy, as growjax's step)."""
 
     def __init__(self, case: vit_step.Case, batch_np: dict, forward_only: bool = False):
+        super().__init__()
         torch.manual_seed(0)
         self.model = timm_vit(case, vit_step.NUM_TARGET)
         self.model.train(not forward_only)
@@ -109,7 +111,6 @@ class TimmStep:
         self.x = torch.from_numpy(np.array(batch_np['image'].transpose(0, 3, 1, 2), order='C'))
         self.y = torch.from_numpy(np.array(batch_np['label'], np.int64))
         self.n_params = sum(p.numel() for p in self.model.parameters())
-        self.times, self.cpu_times = [], []
         self.run(2)  # warm up (momentum buffers, oneDNN primitives)
 
     def step(self):
@@ -123,17 +124,6 @@ class TimmStep:
         self.opt.step()
         return loss.detach(), (logits.argmax(-1) == self.y).float().mean()
 
-    def run(self, n):
-        wall, cpu = time.perf_counter(), time.process_time()
-        for _ in range(n):
-            self.step()
-        return (time.perf_counter() - wall) / n, (time.process_time() - cpu) / n
-
-    def time(self, n):
-        wall, cpu = self.run(n)
-        self.times.append(wall)
-        self.cpu_times.append(cpu)
-
     def flops(self) -> float:
         from torch.utils.flop_counter import FlopCounterMode
         counter = FlopCounterMode(display=False)
@@ -142,45 +132,19 @@ class TimmStep:
         return float(counter.get_total_flops())
 
 
-class TorchThreads:
-    """A TimmStep timed with another intra-op thread count (set around its own timings only)."""
-
-    def __init__(self, inner, threads):
-        self.inner, self.threads, self.times, self.cpu_times = inner, threads, [], []
-
-    def time(self, n):
-        before = torch.get_num_threads()
-        torch.set_num_threads(self.threads)
-        try:
-            wall, cpu = self.inner.run(n)
-        finally:
-            torch.set_num_threads(before)
-        self.times.append(wall)
-        self.cpu_times.append(cpu)
-
-
-class JaxForward:
+class JaxForward(Timed):
     """growjax's ViT inference forward pass (jit of model.apply), for --forward."""
 
     def __init__(self, step: vit_step.Step):
+        super().__init__()
         variables = jax.tree.map(jnp.copy, step.state.variables())  # the train step donates its state
         self.variables, self.image = variables, step.batch['image']
         self.fn = jax.jit(lambda v, x: step.model.apply(v, x, train=False)).lower(variables, self.image).compile()
         self.flops = vit_step.flops_of(self.fn)
-        self.times, self.cpu_times = [], []
         self.run(2)
 
-    def run(self, n):
-        wall, cpu = time.perf_counter(), time.process_time()
-        for _ in range(n):
-            out = self.fn(self.variables, self.image)
-        jax.block_until_ready(out)
-        return (time.perf_counter() - wall) / n, (time.process_time() - cpu) / n
-
-    def time(self, n):
-        wall, cpu = self.run(n)
-        self.times.append(wall)
-        self.cpu_times.append(cpu)
+    def step(self):
+        return self.fn(self.variables, self.image)
 
 
 def torch_profile(case_name: str):
@@ -227,10 +191,7 @@ def main():
             runners += [('timm', f'threads {t}', 'forward', TorchThreads(tf, t)) for t in extra_threads]
             runners.append(('growjax', 'jax', 'forward', jf))
         cases.append((case, runners, flops))
-    every = [r for _, runners, _ in cases for r in runners]
-    for rep in range(args.reps):
-        for *_, runner in (every if rep % 2 == 0 else every[::-1]):
-            runner.time(args.iters)
+    measure([r for _, runners, _ in cases for *_, r in runners], args.reps, args.iters)
     load = os.getloadavg()
     print(f'\nload average at end (1/5/15 min): {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f}; '
           f'{args.reps} interleaved repeats of {args.iters} steps\n')
@@ -244,9 +205,8 @@ def main():
             for fw, threads, k, r in runners:
                 if k != kind:
                     continue
-                sec = statistics.median(r.times)
-                ratios = np.asarray(r.times) / np.asarray(ref.times)
-                q1, med, q3 = np.percentile(ratios, [25, 50, 75])
+                sec = r.seconds
+                med, q1, q3 = paired(r, ref)
                 print(f'| {case.label} | {kind} | {fw} | {threads} | {case.batch / sec:,.0f} | {sec * 1e3:.1f} | '
                       f'{min(r.times) * 1e3:.1f} | {statistics.median(r.cpu_times) * 1e3:.1f} | '
                       f'{flops[kind] / sec / 1e9:.1f} | {flops[kind] / min(r.times) / 1e9:.1f} | '

@@ -77,6 +77,7 @@ else:  # growjax only: the torch classes below are defined but never built
     tnn = types.SimpleNamespace(Module=object)
 
 import step_cost  # noqa: E402  (bench/step_cost.py: the growjax step, reused as is)
+from timing import Timed, TorchThreads, paired  # noqa: E402  (bench/timing.py)
 from growjax import steps  # noqa: E402
 
 CASES = {  # name: (label, width, image size), as bench/step_cost.py
@@ -175,10 +176,11 @@ class TorchVGG16(tnn.Module):
         return self.head(torch.flatten(self.avgpool(self.features(x)), 1))
 
 
-class TorchStep:
+class TorchStep(Timed):
     """model.train(); forward, cross-entropy, backward, SGD step (and the accuracy, as growjax's step)."""
 
     def __init__(self, name, method, batch_np, forward_only=False):
+        super().__init__()
         self.forward_only = forward_only
         _, width, size = CASES[name]
         wa = step_cost.UNITS[name] if method == 'wa' else 0
@@ -198,7 +200,6 @@ class TorchStep:
         self.x = torch.from_numpy(np.array(batch_np['image'].transpose(0, 3, 1, 2), order='C'))
         self.y = torch.from_numpy(np.array(batch_np['label'], np.int64))
         self.n_params = sum(p.numel() for p in self.model.parameters())
-        self.times = []
         self.run(2)  # warm up (oneDNN primitive creation, momentum buffers)
 
     def step(self):
@@ -211,15 +212,6 @@ class TorchStep:
         loss.backward()
         self.opt.step()
         return loss.detach(), (logits.argmax(-1) == self.y).float().mean()
-
-    def run(self, n):
-        t = time.perf_counter()
-        for _ in range(n):
-            self.step()
-        return (time.perf_counter() - t) / n
-
-    def time(self, n):
-        self.times.append(self.run(n))
 
 
 # ------------------------------------------------------------------------------------------ jax
@@ -243,21 +235,6 @@ class JaxStep(step_cost.Step):
             self.run(2)
         tree = self.variables if forward_only else (self.state.trainable, self.state.frozen)
         self.n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
-
-
-class TorchThreads:
-    """A TorchStep timed with another intra-op thread count (set around its own timings only)."""
-
-    def __init__(self, inner, threads):
-        self.inner, self.threads, self.times = inner, threads, []
-
-    def time(self, n):
-        before = torch.get_num_threads()
-        torch.set_num_threads(self.threads)
-        try:
-            self.times.append(self.inner.run(n))
-        finally:
-            torch.set_num_threads(before)
 
 
 # growjax variants: name -> (XLA DebugOptions given to compile, host devices of the data mesh).
@@ -327,17 +304,14 @@ def main():
     record = {'jax': jax.__version__, 'python': sys.version.split()[0], 'xla_flags': os.environ.get('XLA_FLAGS', ''),
               'label': args.label, 'load_end': load, 'batch': args.batch, 'rows': []}
 
-    def paired(a, b):
-        return statistics.median(x / y for x, y in zip(a.times, b.times))
-
     for name, label, runners, flops in cases:
         ref = runners[0][2] if USE_TORCH else None
         jdef = next(r for fw, v, r in runners if fw == 'growjax' and v == 'default')
         for fw, v, r in runners:
             sec = statistics.median(r.times)
-            vs_torch = f'{paired(r, ref):.2f}' if ref else '-'
+            vs_torch = f'{paired(r, ref)[0]:.2f}' if ref else '-'
             best_torch = f'{min(r.times) / min(ref.times):.2f}' if ref else '-'
-            vs_jax = f'{paired(r, jdef):.2f}' if fw == 'growjax' else '-'
+            vs_jax = f'{paired(r, jdef)[0]:.2f}' if fw == 'growjax' else '-'
             print(f'| {fw} | {v} | {CASES[name][0]} | {label} | {args.batch / sec:,.0f} | {sec * 1e3:.1f} | '
                   f'{min(r.times) * 1e3:.1f} | {flops / 1e9:.3f} | {vs_torch} | {best_torch} | {vs_jax} |')
             record['rows'].append({'framework': fw, 'variant': v, 'model': name, 'method': label, 'times': r.times})

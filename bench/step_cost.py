@@ -6,7 +6,7 @@ Prints markdown tables: images/s (median of interleaved repeats), XLA cost-analy
 time ratio vs the FLOP ratio (grown / plain fine-tuning), achieved FLOP/s and MFU against a
 large f32 matmul timed in the same process.
 
-Ratios are paired: in every repeat each variant runs right after the others, the ratio to the
+Ratios are paired (bench/timing.py): in every repeat each variant runs right after the others, the ratio to the
 baseline is taken within that repeat, and the table gives the median ratio and its interquartile
 range over repeats (slow drifts of a shared machine's load cancel within a repeat). Besides wall
 time, the process CPU time (all threads) is reported: it does not count time spent descheduled by
@@ -14,9 +14,7 @@ other jobs, so its ratio is the steadier one on a loaded machine.
 """
 import argparse
 import os
-import statistics
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -25,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from growjax import Growth, groups, grow_params, models, steps
+from timing import Timed, fmt, matmul_peak, measure, paired  # bench/timing.py
 
 CASES = {  # backbone: (model name, width, image size)
     'small_cnn w1 16px': ('small_cnn', 1.0, 16),
@@ -40,22 +39,11 @@ def flops_of(jitted, *args):
     return float(cost['flops'])
 
 
-def matmul_peak(n=2048, reps=5):
-    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-    f = jax.jit(lambda x, y: x @ y)
-    f(a, a).block_until_ready()
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        f(a, a).block_until_ready()
-        times.append(time.perf_counter() - t)
-    return 2 * n ** 3 / min(times)  # best: the peak the machine can give right now
-
-
-class Step:
+class Step(Timed):
     """One jitted train step (or forward pass) with its own state, timed n iterations at a time."""
 
     def __init__(self, name, width, size, method, regime, batch, forward_only=False):
+        super().__init__()
         x = jnp.zeros((1, size, size, 1))
         pre_model = models.get(name, num_classes=52, width=width)
         pretrained = pre_model.init(jax.random.key(0), x)
@@ -82,46 +70,13 @@ class Step:
             self.state = steps.create_state(variables, mask, opt)
             self.fn = steps.shard_train_step(steps.make_train_step(model, opt, jax.random.key(2)), mesh)
             self.flops = flops_of(self.fn, self.state, self.batch)
-        self.times, self.cpu_times = [], []
         self.run(2)  # compile + warm up
 
-    def run(self, n):
-        """(wall seconds, process CPU seconds) per step over n steps."""
-        wall, cpu = time.perf_counter(), time.process_time()
-        for _ in range(n):
-            if self.forward_only:
-                out = self.fn(self.variables, self.batch['image'])
-            else:
-                self.state, out = self.fn(self.state, self.batch)
-        jax.block_until_ready(out)
-        return (time.perf_counter() - wall) / n, (time.process_time() - cpu) / n
-
-    def time(self, n):
-        wall, cpu = self.run(n)
-        self.times.append(wall)
-        self.cpu_times.append(cpu)
-
-    @property
-    def seconds(self):
-        return statistics.median(self.times)
-
-
-def measure(steps_by_name, reps, n):
-    for _ in range(reps):  # interleaved, so load from other jobs hits every variant alike
-        for s in steps_by_name.values():
-            s.time(n)
-
-
-def paired_ratio(variant: 'Step', base: 'Step', cpu: bool) -> tuple[float, float, float]:
-    """Median and quartiles over repeats of variant time / base time within the same repeat."""
-    a, b = (variant.cpu_times, base.cpu_times) if cpu else (variant.times, base.times)
-    q1, median, q3 = np.percentile(np.asarray(a) / np.asarray(b), [25, 50, 75])
-    return median, q1, q3
-
-
-def fmt(ratio: tuple[float, float, float]) -> str:
-    median, q1, q3 = ratio
-    return f'{median:.3f} [{q1:.3f}, {q3:.3f}]'
+    def step(self):
+        if self.forward_only:
+            return self.fn(self.variables, self.batch['image'])
+        self.state, out = self.fn(self.state, self.batch)
+        return out
 
 
 def main():
@@ -142,11 +97,11 @@ def main():
     print('|---|---|---|---|---|---|---|---|---|---|---|---|')
     for case, (name, width, size) in CASES.items():
         ss = {m: Step(name, width, size, m, 'all', args.batch) for m in METHODS}
-        measure(ss, args.reps, args.iters)
+        measure(ss.values(), args.reps, args.iters)
         base = ss['finetune']
         for m, s in ss.items():
             fr = s.flops / base.flops
-            wall, cpu = paired_ratio(s, base, cpu=False), paired_ratio(s, base, cpu=True)
+            wall, cpu = paired(s, base, cpu=False), paired(s, base, cpu=True)
             print(f'| {case} | {m} | {args.batch / s.seconds:,.0f} | {s.seconds * 1e3:.2f} | {s.flops / 1e9:.3f} | '
                   f'{fr:.3f} | {fmt(wall)} | {fmt(cpu)} | {wall[0] / fr:.3f} | {cpu[0] / fr:.3f} | '
                   f'{s.flops / s.seconds / 1e9:.1f} | {s.flops / s.seconds / peak:.1%} |')
@@ -159,11 +114,11 @@ def main():
         ss = {'forward-only': Step(name, width, size, 'wa', 'all', args.batch, forward_only=True)}
         for regime in ('new', 'fc7_new', 'all'):
             ss[regime] = Step(name, width, size, 'wa', regime, args.batch)
-        measure(ss, args.reps, args.iters)
+        measure(ss.values(), args.reps, args.iters)
         fwd = ss['forward-only']
         for r, s in ss.items():
             print(f'| {case} | {r} | {args.batch / s.seconds:,.0f} | {s.seconds * 1e3:.2f} | {s.flops / 1e9:.3f} | '
-                  f'{fmt(paired_ratio(s, fwd, cpu=False))} | {fmt(paired_ratio(s, fwd, cpu=True))} | '
+                  f'{fmt(paired(s, fwd, cpu=False))} | {fmt(paired(s, fwd, cpu=True))} | '
                   f'{s.flops / fwd.flops:.3f} | {s.flops / s.seconds / peak:.1%} |')
 
 

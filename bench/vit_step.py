@@ -48,6 +48,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from growjax import config_lib, grow_params, groups, steps, train  # noqa: E402
+from timing import Timed, fmt, matmul_peak, measure, paired  # noqa: E402  (bench/timing.py)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,10 +138,11 @@ def flops_of(compiled) -> float:
     return float((cost[0] if isinstance(cost, (list, tuple)) else cost)['flops'])
 
 
-class Step:
+class Step(Timed):
     """One compiled ViT train step with its own state, timed n iterations at a time."""
 
     def __init__(self, case: Case, method: str, regime: str, dtype: str = 'float32'):
+        super().__init__()
         self.case, self.method, self.regime, self.dtype = case, method, regime, dtype
         t = time.perf_counter()
         self.model, opt, self.state = grown_state(case, method, regime, dtype)
@@ -151,54 +153,11 @@ class Step:
         self.params = sum(leaf.size for leaf in jax.tree.leaves((self.state.trainable, self.state.frozen)))
         self.trainable = sum(leaf.size for leaf in jax.tree.leaves(self.state.trainable))
         self.build_s = time.perf_counter() - t
-        self.times, self.cpu_times = [], []
         self.run(2)  # warm up
 
-    def run(self, n):
-        wall, cpu = time.perf_counter(), time.process_time()
-        for _ in range(n):
-            self.state, out = self.fn(self.state, self.batch)
-        jax.block_until_ready(out)
-        return (time.perf_counter() - wall) / n, (time.process_time() - cpu) / n
-
-    def time(self, n):
-        wall, cpu = self.run(n)
-        self.times.append(wall)
-        self.cpu_times.append(cpu)
-
-    @property
-    def seconds(self):
-        return statistics.median(self.times)
-
-
-def measure(runners, reps, n):
-    """Interleaved: every runner once per repeat, order reversed on odd repeats."""
-    for rep in range(reps):
-        for r in (runners if rep % 2 == 0 else runners[::-1]):
-            r.time(n)
-
-
-def paired(variant, base, cpu: bool):
-    a, b = (variant.cpu_times, base.cpu_times) if cpu else (variant.times, base.times)
-    q1, median, q3 = np.percentile(np.asarray(a) / np.asarray(b), [25, 50, 75])
-    return median, q1, q3
-
-
-def fmt(ratio) -> str:
-    median, q1, q3 = ratio
-    return f'{median:.3f} [{q1:.3f}, {q3:.3f}]'
-
-
-def matmul_peak(n=2048, reps=5):
-    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-    f = jax.jit(lambda x, y: x @ y)
-    f(a, a).block_until_ready()
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        f(a, a).block_until_ready()
-        times.append(time.perf_counter() - t)
-    return 2 * n ** 3 / min(times)
+    def step(self):
+        self.state, out = self.fn(self.state, self.batch)
+        return out
 
 
 def load() -> str:
