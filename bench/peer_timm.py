@@ -53,15 +53,13 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import timm  # noqa: E402
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 from timm.models.vision_transformer import VisionTransformer  # noqa: E402
 
 import vit_step  # noqa: E402  (bench/vit_step.py: growjax's step, reused as is)
-from timing import Timed, TorchThreads, measure, paired  # noqa: E402  (bench/timing.py)
+from timing import Timed, TorchThreads, TorchTrainStep, measure, paired  # noqa: E402  (bench/timing.py)
 from growjax import models, pretrained  # noqa: E402
 
 torch.set_num_threads(args.threads)
-LR, MOMENTUM, WEIGHT_DECAY, NEW_LR_MULT = 0.01, 0.9, 5e-4, 10.0
 
 
 def timm_vit(case: vit_step.Case, num_classes: int) -> VisionTransformer:
@@ -91,38 +89,15 @@ def same_function(case: vit_step.Case) -> float:
     return float(np.abs(np.asarray(ours.apply(variables, jnp.asarray(x))) - reference).max())
 
 
-class TimmStep(Timed):
-    """model.train(); forward, cross-entropy, backward, SGD step (and the accuracy, as growjax's step)."""
+class TimmStep(TorchTrainStep):
+    """timm's ViT step (bench/timing.py's TorchTrainStep): weight decay on kernels only (as
+    steps.decay_mask), the re-initialised classifier at 10x."""
 
     def __init__(self, case: vit_step.Case, batch_np: dict, forward_only: bool = False):
-        super().__init__()
         torch.manual_seed(0)
-        self.model = timm_vit(case, vit_step.NUM_TARGET)
-        self.model.train(not forward_only)
-        self.forward_only = forward_only
-        param_groups = {}
-        for name, p in self.model.named_parameters():
-            decay = p.dim() > 1 and name not in ('cls_token', 'pos_embed')  # kernels only (steps.decay_mask)
-            new = name.startswith('head.')  # the re-initialised classifier: 10x
-            param_groups.setdefault((decay, new), []).append(p)
-        self.opt = torch.optim.SGD(
-            [{'params': ps, 'weight_decay': WEIGHT_DECAY if decay else 0.0, 'lr': LR * (NEW_LR_MULT if new else 1.0)}
-             for (decay, new), ps in param_groups.items()], lr=LR, momentum=MOMENTUM)
-        self.x = torch.from_numpy(np.array(batch_np['image'].transpose(0, 3, 1, 2), order='C'))
-        self.y = torch.from_numpy(np.array(batch_np['label'], np.int64))
-        self.n_params = sum(p.numel() for p in self.model.parameters())
-        self.run(2)  # warm up (momentum buffers, oneDNN primitives)
-
-    def step(self):
-        if self.forward_only:
-            with torch.no_grad():
-                return self.model(self.x)
-        self.opt.zero_grad(set_to_none=True)
-        logits = self.model(self.x)
-        loss = F.cross_entropy(logits, self.y)
-        loss.backward()
-        self.opt.step()
-        return loss.detach(), (logits.argmax(-1) == self.y).float().mean()
+        super().__init__(timm_vit(case, vit_step.NUM_TARGET), batch_np, forward_only=forward_only,
+                         decays=lambda name, p: p.dim() > 1 and name not in ('cls_token', 'pos_embed'),
+                         new=lambda name, p: name.startswith('head.'))
 
     def flops(self) -> float:
         from torch.utils.flop_counter import FlopCounterMode

@@ -77,7 +77,7 @@ else:  # growjax only: the torch classes below are defined but never built
     tnn = types.SimpleNamespace(Module=object)
 
 import step_cost  # noqa: E402  (bench/step_cost.py: the growjax step, reused as is)
-from timing import Timed, TorchThreads, paired  # noqa: E402  (bench/timing.py)
+from timing import TorchThreads, TorchTrainStep, paired  # noqa: E402  (bench/timing.py)
 from growjax import steps  # noqa: E402
 
 CASES = {  # name: (label, width, image size), as bench/step_cost.py
@@ -85,7 +85,6 @@ CASES = {  # name: (label, width, image size), as bench/step_cost.py
     'vgg16': ('vgg16 w1/8 32px', 0.125, 32),
 }
 NUM_CLASSES = 24  # the fine-tuning target of step_cost.Step (source: 52 classes)
-LR, MOMENTUM, WEIGHT_DECAY, NEW_LR_MULT = 0.01, 0.9, 5e-4, 10.0
 
 
 # ----------------------------------------------------------------------------------------- torch
@@ -176,42 +175,18 @@ class TorchVGG16(tnn.Module):
         return self.head(torch.flatten(self.avgpool(self.features(x)), 1))
 
 
-class TorchStep(Timed):
-    """model.train(); forward, cross-entropy, backward, SGD step (and the accuracy, as growjax's step)."""
+class TorchStep(TorchTrainStep):
+    """The PyTorch twin's step (bench/timing.py's TorchTrainStep): weight decay on kernels only (as
+    steps.decay_mask; biases and NormScale scales not), the head's new modules at 10x."""
 
     def __init__(self, name, method, batch_np, forward_only=False):
-        super().__init__()
-        self.forward_only = forward_only
         _, width, size = CASES[name]
         wa = step_cost.UNITS[name] if method == 'wa' else 0
         torch.manual_seed(0)
-        self.model = TorchSmallCNN(width, size, wa) if name == 'small_cnn' else TorchVGG16(width, wa)
-        self.model.train(not forward_only)
-        new = {id(p) for m in self.model.head.new_modules() for p in m.parameters()}
-        groups = {}
-        for pname, p in self.model.named_parameters():
-            decay = p.dim() > 1  # kernels only (steps.decay_mask); biases and NormScale scales not
-            is_new = id(p) in new
-            groups.setdefault((decay, is_new), []).append(p)
-        self.opt = torch.optim.SGD(
-            [{'params': ps, 'weight_decay': WEIGHT_DECAY if decay else 0.0,
-              'lr': LR * (NEW_LR_MULT if is_new else 1.0)} for (decay, is_new), ps in groups.items()],
-            lr=LR, momentum=MOMENTUM)
-        self.x = torch.from_numpy(np.array(batch_np['image'].transpose(0, 3, 1, 2), order='C'))
-        self.y = torch.from_numpy(np.array(batch_np['label'], np.int64))
-        self.n_params = sum(p.numel() for p in self.model.parameters())
-        self.run(2)  # warm up (oneDNN primitive creation, momentum buffers)
-
-    def step(self):
-        if self.forward_only:
-            with torch.no_grad():
-                return self.model(self.x)
-        self.opt.zero_grad(set_to_none=True)
-        logits = self.model(self.x)
-        loss = F.cross_entropy(logits, self.y)
-        loss.backward()
-        self.opt.step()
-        return loss.detach(), (logits.argmax(-1) == self.y).float().mean()
+        model = TorchSmallCNN(width, size, wa) if name == 'small_cnn' else TorchVGG16(width, wa)
+        new = {id(p) for m in model.head.new_modules() for p in m.parameters()}
+        super().__init__(model, batch_np, forward_only=forward_only, decays=lambda name, p: p.dim() > 1,
+                         new=lambda name, p: id(p) in new)
 
 
 # ------------------------------------------------------------------------------------------ jax

@@ -54,6 +54,43 @@ class TorchThreads(Timed):
             torch.set_num_threads(before)
 
 
+class TorchTrainStep(Timed):
+    """A torch model's step as growjax's train step: model.train(); forward, cross-entropy, backward, SGD
+    with momentum (weight decay where `decays(name, param)`, `NEW_LR_MULT` x the rate where `new(name,
+    param)`), and the accuracy; with forward_only, the inference forward pass."""
+    LR, MOMENTUM, WEIGHT_DECAY, NEW_LR_MULT = 0.01, 0.9, 5e-4, 10.0  # as the growjax steps of bench/
+
+    def __init__(self, model, batch_np: dict, *, decays, new, forward_only: bool = False):
+        import torch
+        super().__init__()
+        self.model, self.forward_only = model, forward_only
+        self.model.train(not forward_only)
+        param_groups = {}
+        for name, p in self.model.named_parameters():
+            param_groups.setdefault((decays(name, p), new(name, p)), []).append(p)
+        self.opt = torch.optim.SGD(
+            [{'params': ps, 'weight_decay': self.WEIGHT_DECAY if decay else 0.0,
+              'lr': self.LR * (self.NEW_LR_MULT if is_new else 1.0)} for (decay, is_new), ps in param_groups.items()],
+            lr=self.LR, momentum=self.MOMENTUM)
+        self.x = torch.from_numpy(np.array(batch_np['image'].transpose(0, 3, 1, 2), order='C'))
+        self.y = torch.from_numpy(np.array(batch_np['label'], np.int64))
+        self.n_params = sum(p.numel() for p in self.model.parameters())
+        self.run(2)  # warm up (oneDNN primitive creation, momentum buffers)
+
+    def step(self):
+        import torch
+        import torch.nn.functional as F
+        if self.forward_only:
+            with torch.no_grad():
+                return self.model(self.x)
+        self.opt.zero_grad(set_to_none=True)
+        logits = self.model(self.x)
+        loss = F.cross_entropy(logits, self.y)
+        loss.backward()
+        self.opt.step()
+        return loss.detach(), (logits.argmax(-1) == self.y).float().mean()
+
+
 def measure(runners, reps: int, n: int) -> None:
     """Interleaved: every runner once per repeat, the order reversed on odd repeats."""
     runners = list(runners)
