@@ -274,7 +274,8 @@ def test_quick_end_to_end_and_report_from_the_store(tiny, tmp_path):
     assert '<!-- map:begin' in text and '<!-- map:end -->' in text
     for expected in ('### The map: size x distance x method', 'per-method rate', "fine-tuning's rate for all",
                      '### Verdicts per region', '### Convergence', '### Source capacity', '### Forgetting',
-                     '### Continual growth', 'γ from data', '### Where growing helps on this data', '--quick'):
+                     '### Continual growth', 'γ from data', '### Where growing helps on this data', '--quick',
+                     'Strongest case'):
         assert expected in text, expected
     closing = text.split('### Where growing helps on this data')[1].split('<!-- map:end')[0].strip()
     assert closing.count('. ') == 2 and closing.endswith('.')  # three sentences

@@ -453,6 +453,21 @@ def region_verdicts(size: SizeMap) -> tuple[list[str], dict]:
     return lines, facts
 
 
+def strongest_case(size: SizeMap, facts: dict) -> str:
+    """The largest significant per-method gain of a growth method over fine-tuning, with its rates
+    (a rate at the sweep's edge means the grid, not only the method, may shape the gain)."""
+    ups = facts['up']['own']
+    if not ups:
+        return 'Strongest case: no growth method is significantly ahead of fine-tuning in any cell (per-method rates).'
+    dataset, _, shots, method, d = max(ups, key=lambda x: x[4].mean)
+    rates = size.m.settings.learning_rates
+    own, ft = size.rate(dataset, shots, method, 'own'), size.rate(dataset, shots, 'finetune', 'own')
+    edge = [f'{name} {r:g}' for name, r in ((size.labels[method], own), ('fine-tune', ft)) if r in (min(rates), max(rates))]
+    return (f'Strongest case (largest significant per-method gain): {size.labels[method]} on {task_name(dataset)}, '
+            f'{size_name(shots)} per class: {d.text()} points, at rate {own:g} (fine-tune {ft:g})'
+            + (f'; at the edge of the sweep: {", ".join(edge)}' if edge else '') + '.')
+
+
 def where(items) -> str:
     """'Greek 1-5 (WA-grow at 2: +1.0 [...]), ...' grouped by region."""
     regions: dict[tuple, list[str]] = {}
@@ -792,6 +807,8 @@ def section(m, results: dict, docs_dir: str, *, command: str, invocations: list[
         'with the interval of every significant one:',
         '',
         *verdicts,
+        '',
+        strongest_case(size, facts) if size.tasks else '',
         '',
         '### Convergence',
         '',
