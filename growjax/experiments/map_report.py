@@ -462,10 +462,21 @@ def strongest_case(size: SizeMap, facts: dict) -> str:
     dataset, _, shots, method, d = max(ups, key=lambda x: x[4].mean)
     rates = size.m.settings.learning_rates
     own, ft = size.rate(dataset, shots, method, 'own'), size.rate(dataset, shots, 'finetune', 'own')
-    edge = [f'{name} {r:g}' for name, r in ((size.labels[method], own), ('fine-tune', ft)) if r in (min(rates), max(rates))]
+    edge = [f'{name} {r:g}' for name, r in ((size.labels[method], own), ('fine-tune', ft))
+            if r in (min(rates), max(rates))]
     return (f'Strongest case (largest significant per-method gain): {size.labels[method]} on {task_name(dataset)}, '
             f'{size_name(shots)} per class: {d.text()} points, at rate {own:g} (fine-tune {ft:g})'
             + (f'; at the edge of the sweep: {", ".join(edge)}' if edge else '') + '.')
+
+
+def capacity_sentence_part(capacity: Sequence[tuple[int, float, Diff]]) -> str:
+    """', and WA-grow in k of n (source width, S) cells of the capacity axis (...)' for the closing note."""
+    ahead = [(w, r, d) for w, r, d in capacity if d.sign > 0]
+    behind = [(w, r, d) for w, r, d in capacity if d.sign < 0]
+    widths = lambda cells: ', '.join(f'fc {w}' for w in dict.fromkeys(w for w, _, _ in cells))
+    return (f'; on the capacity axis WA-grow was ahead in {len(ahead)} and behind in {len(behind)} of {len(capacity)} '
+            '(source width, S) cells' + (f' (ahead at {widths(ahead)}' + (f'; behind at {widths(behind)})'
+                                                                          if behind else ')') if ahead else ''))
 
 
 def where(items) -> str:
@@ -476,7 +487,13 @@ def where(items) -> str:
     return '; '.join(f'{task} {band} ({", ".join(cells)})' for (task, band), cells in regions.items())
 
 
-def closing_note(size: SizeMap, facts: dict) -> str:
+def capacity_verdicts(m, capacity: dict) -> list[tuple[int, float, Diff]]:
+    """(source width, S / width, WA-grow − fine-tune) of every complete capacity cell, per-method rates."""
+    return [(width, ratio, d) for width in m.settings.widths for ratio in m.settings.ratios
+            if (d := capacity_gain(m, capacity, width, 'wa', ratio, 'own')) is not None]
+
+
+def closing_note(size: SizeMap, facts: dict, capacity: Sequence[tuple[int, float, Diff]] = ()) -> str:
     """Three sentences from the verdicts: where growing helps on this data, and where it does not."""
     n = facts['growth_cells']
     up_own, up_shared = facts['up']['own'], facts['up']['shared']
@@ -484,10 +501,12 @@ def closing_note(size: SizeMap, facts: dict) -> str:
     helped = sorted({(short_task(d), b) for d, b, *_ in up_own})
     # Each comparison is tested at p < 0.05 on its own: about n / 40 land significantly ahead (and as many
     # behind) by chance alone, which the note states beside the count.
-    first = (f'Under the per-method protocol growing beat fine-tuning significantly in {len(up_own)} of {n} (cell, '
-             f'growth method) comparisons (about {n / 40:.1f} expected by chance at p < 0.05, uncorrected)'
+    first = (f'Under the per-method protocol growing beat fine-tuning significantly in {len(up_own)} of {n} '
+             f'(target, size, growth method) comparisons (about {n / 40:.1f} expected by chance at p < 0.05, '
+             'uncorrected)'
              + (f', in {", ".join(f"{t} {b}" for t, b in helped)} per class' if helped else
-                ', that is nowhere on this data') + '.')
+                ', that is nowhere on this data')
+             + (capacity_sentence_part(capacity) if capacity else '') + '.')
     learning_rate_only = [x for x in up_shared if (x[0], x[2], x[3]) not in {(y[0], y[2], y[3]) for y in up_own}]
     second = (f'At fine-tuning\'s rate for every method (the paper\'s protocol) it did in {len(up_shared)}, of which '
               f'{len(learning_rate_only)} vanish{"es" if len(learning_rate_only) == 1 else ""} when each method gets '
@@ -862,7 +881,8 @@ def section(m, results: dict, docs_dir: str, *, command: str, invocations: list[
         *compute_lines(m, results, invocations),
         '### Where growing helps on this data',
         '',
-        closing_note(size, facts) if size.tasks else '(the size axis has not run yet)',
+        closing_note(size, facts, capacity_verdicts(m, results.get('capacity', {}))) if size.tasks else
+        '(the size axis has not run yet)',
         '',
     ]
     return '\n'.join(lines)
