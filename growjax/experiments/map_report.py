@@ -305,8 +305,9 @@ def figure_capacity(m, capacity: dict, path: str) -> str | None:
         ax = axes[0][p]
         image = ax.imshow(grid, cmap='RdBu', vmin=-limit, vmax=limit, aspect='auto')
         annotate(ax, grid, marks, limit, 8)
-        ax.set_xticks(range(len(s.ratios)), [f'S = {r:g} x width' for r in s.ratios], fontsize=8)
-        ax.set_yticks(range(len(s.widths)), [f'fc {w}' for w in s.widths], fontsize=8)
+        ax.set_xticks(range(len(s.ratios)), [f'S = {r:g}\n x width' for r in s.ratios], fontsize=8)
+        ax.set_yticks(range(len(s.widths)), [f'fc {w}' + ('' if np.isfinite(row).any() else ' (not run)')
+                                             for w, row in zip(s.widths, grid)], fontsize=8)
         ax.set_title(f'WA-grow − fine-tune: {label.split(" (")[0]}', fontsize=9)
         fig.colorbar(image, ax=ax, shrink=0.8, label='points')
     dataset, shots = s.capacity_cell
