@@ -275,7 +275,7 @@ def test_quick_end_to_end_and_report_from_the_store(tiny, tmp_path):
     for expected in ('### The map: size x distance x method', 'per-method rate', "fine-tuning's rate for all",
                      '### Verdicts per region', '### Convergence', '### Source capacity', '### Forgetting',
                      '### Continual growth', 'γ from data', '### Where growing helps on this data', '--quick',
-                     'Strongest case'):
+                     'Strongest case', 'the steps was significantly better in'):
         assert expected in text, expected
     closing = text.split('### Where growing helps on this data')[1].split('<!-- map:end')[0].strip()
     assert closing.count('. ') == 2 and closing.endswith('.')  # three sentences
