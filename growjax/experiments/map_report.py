@@ -626,7 +626,9 @@ def forgetting_lines(m, forgetting: dict, labels: dict) -> list[str]:
     for (dataset, shots, name), record in forgetting.items():
         after = {r['seed']: r['source_after'] for r in record['seeds']}
         target = {r['seed']: r['target_test'] for r in record['seeds']}
-        same += sum(r['stored_test'] is not None and abs(r['stored_test'] - r['target_test']) < 1e-9
+        # A vectorised grid (stored) and a single retrained run reduce in another order: float32 means
+        # then differ in the last bits (~1e-7), far below one test example.
+        same += sum(r['stored_test'] is not None and abs(r['stored_test'] - r['target_test']) < 1e-6
                     for r in record['seeds'])
         total += len(record['seeds'])
         ft = forgetting.get((dataset, shots, 'finetune'))
@@ -636,7 +638,8 @@ def forgetting_lines(m, forgetting: dict, labels: dict) -> list[str]:
                      f'{mean_ci(after)} | {dtext(diff(after, record["source_before"]))} | {versus} |')
     before = next(iter(forgetting.values()))['source_before']
     return [f'Source task (test split of `{m.base.init.source_dataset}`) before fine-tuning: {100 * before:.1f}%. '
-            f'Retrained runs reproduced the stored test accuracy in {same} of {total} (seed, cell, method) runs.', '',
+            f'Retrained runs reproduced the stored test accuracy (to 1e-6) in {same} of {total} (seed, cell, method) '
+            'runs.', '',
             *lines, '']
 
 
