@@ -454,20 +454,29 @@ def region_verdicts(size: SizeMap) -> tuple[list[str], dict]:
     return lines, facts
 
 
-def strongest_case(size: SizeMap, facts: dict) -> str:
-    """The largest significant per-method gain of a growth method over fine-tuning, with its rates
-    (a rate at the sweep's edge means the grid, not only the method, may shape the gain)."""
+def strongest_case(size: SizeMap, facts: dict, capacity: Sequence[tuple[int, float, Diff]] = ()) -> str:
+    """The largest significant per-method gain of a growth method over fine-tuning on the size axis,
+    with its rates (a rate at the sweep's edge means the grid, not only the method, may shape the
+    gain), and on the capacity axis."""
+    ahead = [(w, r, d) for w, r, d in capacity if d.sign > 0]
+    on_capacity = ''
+    if ahead:
+        width, ratio, d = max(ahead, key=lambda x: x[2].mean)
+        on_capacity = (f' On the capacity axis: WA-grow from the fc {width} source, S = {ratio:g} x width: '
+                       f'{d.text()} points.')
     ups = facts['up']['own']
     if not ups:
-        return 'Strongest case: no growth method is significantly ahead of fine-tuning in any cell (per-method rates).'
+        return ('Strongest case: no growth method is significantly ahead of fine-tuning in any cell of the size axis '
+                '(per-method rates).' + on_capacity)
     dataset, _, shots, method, d = max(ups, key=lambda x: x[4].mean)
     rates = size.m.settings.learning_rates
     own, ft = size.rate(dataset, shots, method, 'own'), size.rate(dataset, shots, 'finetune', 'own')
     edge = [f'{name} {r:g}' for name, r in ((size.labels[method], own), ('fine-tune', ft))
             if r in (min(rates), max(rates))]
-    return (f'Strongest case (largest significant per-method gain): {size.labels[method]} on {task_name(dataset)}, '
+    return (f'Strongest case (largest significant per-method gain on the size axis): {size.labels[method]} on '
+            f'{task_name(dataset)}, '
             f'{size_name(shots)} per class: {d.text()} points, at rate {own:g} (fine-tune {ft:g})'
-            + (f'; at the edge of the sweep: {", ".join(edge)}' if edge else '') + '.')
+            + (f'; at the edge of the sweep: {", ".join(edge)}' if edge else '') + '.' + on_capacity)
 
 
 def capacity_sentence_part(capacity: Sequence[tuple[int, float, Diff]]) -> str:
@@ -850,7 +859,7 @@ def section(m, results: dict, docs_dir: str, *, command: str, invocations: list[
         '',
         *verdicts,
         '',
-        strongest_case(size, facts) if size.tasks else '',
+        strongest_case(size, facts, capacity_verdicts(m, results.get('capacity', {}))) if size.tasks else '',
         '',
         '### Convergence',
         '',
