@@ -474,19 +474,20 @@ def strongest_case(size: SizeMap, facts: dict, capacity: Sequence[tuple[int, flo
     edge = [f'{name} {r:g}' for name, r in ((size.labels[method], own), ('fine-tune', ft))
             if r in (min(rates), max(rates))]
     return (f'Strongest case (largest significant per-method gain on the size axis): {size.labels[method]} on '
-            f'{task_name(dataset)}, '
-            f'{size_name(shots)} per class: {d.text()} points, at rate {own:g} (fine-tune {ft:g})'
+            f'{task_name(dataset)}, {size_name(shots)} per class: {d.text()} points, at rate {own:g} (fine-tune '
+            f'{ft:g})'
             + (f'; at the edge of the sweep: {", ".join(edge)}' if edge else '') + '.' + on_capacity)
 
 
 def capacity_sentence_part(capacity: Sequence[tuple[int, float, Diff]]) -> str:
-    """', and WA-grow in k of n (source width, S) cells of the capacity axis (...)' for the closing note."""
-    ahead = [(w, r, d) for w, r, d in capacity if d.sign > 0]
-    behind = [(w, r, d) for w, r, d in capacity if d.sign < 0]
-    widths = lambda cells: ', '.join(f'fc {w}' for w in dict.fromkeys(w for w, _, _ in cells))
+    """'; on the capacity axis WA-grow was ahead in k and behind in j of n (source width, S) cells (ahead
+    at fc 64; behind at ...)', the closing note's words for the capacity axis."""
+    ahead = [w for w, _, d in capacity if d.sign > 0]
+    behind = [w for w, _, d in capacity if d.sign < 0]
+    widths = lambda found: ', '.join(f'fc {w}' for w in dict.fromkeys(found))
+    where_ = '; '.join(f'{word} at {widths(found)}' for word, found in (('ahead', ahead), ('behind', behind)) if found)
     return (f'; on the capacity axis WA-grow was ahead in {len(ahead)} and behind in {len(behind)} of {len(capacity)} '
-            '(source width, S) cells' + (f' (ahead at {widths(ahead)}' + (f'; behind at {widths(behind)})'
-                                                                          if behind else ')') if ahead else ''))
+            '(source width, S) cells' + (f' ({where_})' if where_ else ''))
 
 
 def where(items) -> str:
@@ -675,8 +676,8 @@ def continual_lines(m, continual: dict, arms: Sequence[tuple]) -> list[str]:
         own = values(group, group.get('chosen_lr'))
         ft_own = values(ft, ft.get('chosen_lr')) if ft else {}
         shared = values(group, ft.get('chosen_lr')) if ft else {}
-        lines.append(f'| {label} | {a_acc} | {seeds_text(own, s.seeds)} | {dtext(diff(own, ft_own)) if arm != "ft_ft" else ""} | '
-                     f'{dtext(diff(shared, ft_own)) if arm != "ft_ft" else ""} |')
+        versus = ('', '') if arm == 'ft_ft' else (dtext(diff(own, ft_own)), dtext(diff(shared, ft_own)))
+        lines.append(f'| {label} | {a_acc} | {seeds_text(own, s.seeds)} | {versus[0]} | {versus[1]} |')
     for name in ('finetune', 'wa'):
         direct = continual.get(('direct', name))
         if direct is not None:
@@ -813,6 +814,7 @@ def section(m, results: dict, docs_dir: str, *, command: str, invocations: list[
         'map_lr': figure_lr(m, results.get('lr', {}), labels, os.path.join(figures_dir, 'map_lr.png')),
     }
     verdicts, facts = region_verdicts(size)
+    capacity_cells = capacity_verdicts(m, results.get('capacity', {}))
     workdir = m.workdir
     reproduce = lambda axis: f'`python -m growjax.experiments.map --workdir={workdir} --axes={axis}`'
     figure = lambda name, caption: ([f'![{name}]({FIGURES}/{name}.png)', '', caption, ''] if made.get(name) else [])
@@ -859,7 +861,7 @@ def section(m, results: dict, docs_dir: str, *, command: str, invocations: list[
         '',
         *verdicts,
         '',
-        strongest_case(size, facts, capacity_verdicts(m, results.get('capacity', {}))) if size.tasks else '',
+        strongest_case(size, facts, capacity_cells) if size.tasks else '',
         '',
         '### Convergence',
         '',
@@ -913,8 +915,7 @@ def section(m, results: dict, docs_dir: str, *, command: str, invocations: list[
         *compute_lines(m, results, invocations),
         '### Where growing helps on this data',
         '',
-        closing_note(size, facts, capacity_verdicts(m, results.get('capacity', {}))) if size.tasks else
-        '(the size axis has not run yet)',
+        closing_note(size, facts, capacity_cells) if size.tasks else '(the size axis has not run yet)',
         '',
     ]
     return '\n'.join(lines)
