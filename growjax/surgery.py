@@ -121,21 +121,31 @@ class AddHeads:
 
     The module is a `nn.MultiHeadDotProductAttention`, or a user's attention whose query, key,
     value and output projections are children named by `query`, `key`, `value`, `out`
-    (DenseGeneral with (heads, head_dim) features, or Dense with `head_dim` given). The new heads
-    see the same inputs and the same mask (the module's `mask` argument; a user's module without
-    one: `causal=True` for a decoder). norm_scale: NormScale over [old heads, new heads] where the
-    output projection reads them; preserving the function, their output projection starts at zero.
+    (DenseGeneral with (heads, head_dim) features, or Dense with `head_dim` given), or whose one
+    fused projection `qkv` (a Dense of 3 x heads x head_dim features: nanoGPT's `c_attn`, timm's
+    `qkv`) feeds all three. The new heads have their own query/key/value projections of the same
+    input, so the fused layout's order does not matter to them.
+
+    causal: whether the new heads may look only at earlier positions. None (default) decides it
+    only where it can be seen: flax's attention modules never mask by themselves, so their new
+    heads take the call's `mask` as it is; a user's attention given a `mask` argument shares that
+    mask; a user's attention called without one may build a causal mask inside (nanoGPT), which
+    growjax cannot see, so it is an error asking for causal=True or False (a default either way
+    would let the new heads of a decoder see future tokens, or blind those of an encoder).
+    norm_scale: NormScale over [old heads, new heads] where the output projection reads them;
+    preserving the function, their output projection starts at zero.
     """
     module: str
     heads: int
     norm_scale: bool = True
     scale_init: float = 10.0
     head_dim: int | None = None
-    causal: bool = False
+    causal: bool | None = None
     query: str = 'query'
     key: str = 'key'
     value: str = 'value'
     out: str = 'out'
+    qkv: str | None = None
 
     def __post_init__(self):
         _compile(self.module, 'AddHeads.module')
@@ -144,6 +154,32 @@ class AddHeads:
             _positive(self.head_dim, 'AddHeads.head_dim')
         if self.scale_init <= 0:
             raise SurgeryError(f'AddHeads.scale_init must be positive, got {self.scale_init}.')
+        if self.causal not in (None, True, False):
+            raise SurgeryError(f'AddHeads.causal must be True, False or None, got {self.causal!r}.')
+        if self.qkv is not None and (not isinstance(self.qkv, str) or not self.qkv or '/' in self.qkv):
+            raise SurgeryError(f"AddHeads.qkv names the attention's fused projection child (e.g. 'c_attn'), got "
+                               f'{self.qkv!r}.')
+
+    @property
+    def projections(self) -> dict[str, str]:
+        """{child name: role} of the projections that feed the new heads: the fused one, or q/k/v."""
+        if self.qkv is not None:
+            return {self.qkv: 'qkv'}
+        return {self.query: 'query', self.key: 'key', self.value: 'value'}
+
+
+def resolve_causal(op: AddHeads, path: str, library_attention: bool, mask) -> bool:
+    """Whether the new heads of `op` at `path` are causal (AddHeads.causal's rule, for both back-ends).
+
+    library_attention: flax's own attention module (linen MultiHeadDotProductAttention, NNX
+    MultiHeadAttention), which masks only with the mask it is given. mask: the call's mask argument."""
+    if op.causal is not None:
+        return op.causal
+    if library_attention or mask is not None:
+        return False
+    raise SurgeryError(f'{describe(op)}: {path} is called without a mask argument, so growjax cannot see whether it '
+                       'masks future positions inside (a decoder such as nanoGPT does): pass causal=True for a causal '
+                       'attention, causal=False for one that sees every position.')
 
 
 COPY = 'copy'
@@ -778,11 +814,19 @@ def grow(model: nn.Module, ops: Sequence[Operation]) -> Grown:
 @dataclasses.dataclass(frozen=True)
 class Report:
     """Per module: which leaves were copied from the pretrained tree, which are new, which were
-    re-initialised; what each operation matched; and, if checked, how far the function-preserving
-    variant's output is from the pretrained model's."""
+    re-initialised; what each operation matched; and, if checked, how far two models' outputs are
+    from the pretrained model's on the sample input:
+
+    - `max_abs_difference`: the function-preserving variant of the same operations (new parts at
+      zero, no NormScale), which must match: a leaf grafted into the wrong place shows up here;
+    - `grown_difference`: the model as it was grown, which differs by design where an operation
+      in `changes_function` (NormScale, a random fan-in) rescales or adds to the old units.
+    """
     modules: dict[str, dict[str, list[str]]]  # module path -> {'copied' | 'new' | 'reinitialised': [leaf names]}
     matches: dict[str, list[str]]
     max_abs_difference: float | None = None
+    grown_difference: float | None = None
+    changes_function: tuple[str, ...] = ()
 
     def __str__(self) -> str:
         lines = ['operation -> modules it matched:']
@@ -792,8 +836,14 @@ class Report:
             cells = [', '.join(kinds.get(kind, [])) or '-' for kind in ('copied', 'new', 'reinitialised')]
             lines.append(f'  {module or "(root)"}: ' + ' | '.join(cells))
         if self.max_abs_difference is not None:
-            lines.append(f'function-preserving variant vs pretrained model: max |difference| = '
+            lines.append(f'function check, on the function-preserving variant of these operations (new parts at zero, '
+                         f'no NormScale), not the model as grown: max |difference| from the pretrained model = '
                          f'{self.max_abs_difference:.3g}')
+        if self.grown_difference is not None:
+            why = (f' (by design: {"; ".join(self.changes_function)} change the function)' if self.changes_function
+                   else '')
+            lines.append(f'the model as grown: max |difference| from the pretrained model = '
+                         f'{self.grown_difference:.3g}{why}')
         return '\n'.join(lines)
 
 
