@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 
 from growjax.models.alexnet import AlexNet
+from growjax.models.gpt import GPT
 from growjax.models.growth import Growth
 from growjax.models.head import FcHeadNet
 from growjax.models.resnet import ResNet18, ResNet50
@@ -18,13 +19,15 @@ _REGISTRY = {
     'resnet18': ResNet18,
     'resnet50': ResNet50,
     'vit': ViT,
+    'gpt': GPT,
 }
 
 
 def get(name: str, *, num_classes: int, growth: Growth | None = None, **kwargs):
     """The Flax module `name` for `num_classes` classes, grown as `growth` says (None: as pretrained).
 
-    Extra keyword arguments are the model's own fields (e.g. `width`, `dropout_rate`, `dtype`).
+    Extra keyword arguments are the model's own fields (e.g. `width`, `dropout_rate`, `dtype`). A
+    language model's classes are its vocabulary: 'gpt' takes `num_classes` as its `vocab_size`.
     """
     if name not in _REGISTRY:
         raise ValueError(f'Unknown model {name!r}; available: {sorted(_REGISTRY)}.')
@@ -33,6 +36,11 @@ def get(name: str, *, num_classes: int, growth: Growth | None = None, **kwargs):
     unknown = set(kwargs) - fields
     if unknown:
         raise ValueError(f'Model {name!r} has no option(s) {sorted(unknown)}; options: {sorted(fields)}.')
+    if 'num_classes' not in fields:
+        if kwargs.setdefault('vocab_size', num_classes) != num_classes:
+            raise ValueError(f'Model {name!r}: vocab_size={kwargs["vocab_size"]} contradicts num_classes={num_classes} '
+                             '(its classes are its vocabulary; pass num_classes only).')
+        return cls(growth=growth, **kwargs)
     return cls(num_classes=num_classes, growth=growth, **kwargs)
 
 
