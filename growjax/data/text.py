@@ -131,6 +131,7 @@ class GrowjaxPystdlib(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                         f'examples of {length} bytes.',
             features=tfds.features.FeaturesDict({'tokens': tfds.features.Tensor(shape=(length,), dtype=np.uint8)}),
             metadata=tfds.core.MetadataDict(),
+            disable_shuffling=True,  # stored in corpus order (TFDS would order examples by a hash of their key)
         )
 
     def _split_generators(self, dl_manager):
