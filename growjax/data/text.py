@@ -1,9 +1,8 @@
 """A built-in byte-level text corpus: the Python standard library's own source, and its grain pipelines.
 
-Why this corpus: it ships with every interpreter (no download, no licence question beyond the PSF's),
-is about 12 MB of real, varied text (code, docstrings, comments), and is the right size for the
-small GPTs that growjax grows. The corpus therefore depends on the interpreter: another Python
-version (or a distribution that patches its stdlib) gives other bytes, so the Python version is part
+Why this corpus: it ships with every interpreter (nothing to download) and is about 12 MB of real,
+varied text (code, docstrings, comments), the right size for the small GPTs that growjax grows.
+Being the interpreter's own, the corpus depends on it: another Python version (or a distribution that patches its stdlib) gives other bytes, so the Python version is part
 of the dataset's config name ('growjax_pystdlib/py3.11.7_seq256') and is recorded, with the bytes,
 files and sha1 of every split, in the dataset's metadata (`text_info(...).metadata`).
 
@@ -127,7 +126,7 @@ class GrowjaxPystdlib(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         return tfds.core.DatasetInfo(
             builder=self,
             description=f'The .py source of the Python {platform.python_version()} standard library, without '
-                        f'tests, as bytes: files split by path hash, concatenated with 0 bytes between, cut into '
+                        f'tests, as bytes: files split by path hash, each followed by a 0 byte, concatenated, cut into '
                         f'examples of {length} bytes.',
             features=tfds.features.FeaturesDict({'tokens': tfds.features.Tensor(shape=(length,), dtype=np.uint8)}),
             metadata=tfds.core.MetadataDict(),
@@ -171,7 +170,7 @@ class TextMeta:
     seq_len: int
     vocab_size: int
     split_sizes: Mapping[str, int]  # examples
-    metadata: Mapping  # python, stdlib, separator, and bytes, files, sha1 per split
+    metadata: Mapping  # python, stdlib, separator; per split: bytes and sha1 as stored, files before any max_bytes cap
 
 
 def _prepared(data_dir: str, seq_len: int, max_bytes: int | None) -> tfds.core.DatasetBuilder:
