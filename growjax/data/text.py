@@ -2,9 +2,10 @@
 
 Why this corpus: it ships with every interpreter (nothing to download) and is about 12 MB of real,
 varied text (code, docstrings, comments), the right size for the small GPTs that growjax grows.
-Being the interpreter's own, the corpus depends on it: another Python version (or a distribution that patches its stdlib) gives other bytes, so the Python version is part
-of the dataset's config name ('growjax_pystdlib/py3.11.7_seq256') and is recorded, with the bytes,
-files and sha1 of every split, in the dataset's metadata (`text_info(...).metadata`).
+Being the interpreter's own, the corpus depends on it: another Python version (or a distribution
+that patches its stdlib) gives other bytes, so the Python version is part of the dataset's config
+name ('growjax_pystdlib/py3.11.7_seq256') and is recorded, with the bytes, files and sha1 of every
+split, in the dataset's metadata (`text_info(...).metadata`).
 
 The file list: every `.py` file under `sysconfig.get_paths()['stdlib']`, as sorted relative paths,
 without folders named 'test', 'tests' or 'idle_test' (tests: much generated and deliberately
