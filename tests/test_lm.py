@@ -76,7 +76,8 @@ def test_stdlib_files_exclude_test_folders(tmp_path):
         os.makedirs(tmp_path / os.path.dirname(path), exist_ok=True)
         (tmp_path / path).write_text('pass\n')
     assert text.stdlib_files(str(tmp_path)) == ['a.py', 'idlelib/run.py', 'pkg/__init__.py', 'testing/y.py']
-    assert text.split_bytes(str(tmp_path), ['a.py', 'pkg/__init__.py']) == b'pass\n\0pass\n\0'  # a 0 byte after each file
+    # a 0 byte after each file:
+    assert text.split_bytes(str(tmp_path), ['a.py', 'pkg/__init__.py']) == b'pass\n\0pass\n\0'
     assert text.split_bytes(str(tmp_path), ['a.py', 'pkg/__init__.py'], max_bytes=7) == b'pass\n\0p'
     with pytest.raises(DataError, match='does not exist'):
         text.stdlib_files(str(tmp_path / 'missing'))

@@ -49,12 +49,14 @@ class Block(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, mask: jax.Array, train: bool) -> jax.Array:
+        y = _layer_norm(self.dtype, 'ln_1')(x)
         y = nn.MultiHeadDotProductAttention(
             num_heads=self.num_heads, dtype=self.dtype, kernel_init=lecun_normal_flat, dropout_rate=self.dropout,
             attention_fn=fused_attention, name='attn',
-        )(_layer_norm(self.dtype, 'ln_1')(x), mask=mask, deterministic=not train)
+        )(y, mask=mask, deterministic=not train)
         x = x + nn.Dropout(self.dropout)(y, deterministic=not train)
-        y = MlpBlock(self.mlp_dim, self.dropout, dtype=self.dtype, name='mlp')(_layer_norm(self.dtype, 'ln_2')(x), train)
+        y = _layer_norm(self.dtype, 'ln_2')(x)
+        y = MlpBlock(self.mlp_dim, self.dropout, dtype=self.dtype, name='mlp')(y, train)
         return x + nn.Dropout(self.dropout)(y, deterministic=not train)
 
 
@@ -80,7 +82,8 @@ class GPT(nn.Module):
     def __post_init__(self):
         if self.growth is not None:
             raise GrowthError('GPT takes no Growth spec (growth must be None): a GPT is grown with growjax.surgery.')
-        sizes = {field: getattr(self, field) for field in ('vocab_size', 'width', 'depth', 'num_heads', 'mlp_dim', 'max_len')}
+        sizes = {field: getattr(self, field)
+                 for field in ('vocab_size', 'width', 'depth', 'num_heads', 'mlp_dim', 'max_len')}
         bad = [f'{field}={value!r}' for field, value in sizes.items()
                if isinstance(value, bool) or not isinstance(value, int) or value <= 0]
         if bad:
