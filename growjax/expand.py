@@ -271,7 +271,7 @@ def expansion_plan(small_model: nn.Module, big_model: nn.Module, *sample_inputs,
     leaves, guessed = {}, []
     for path, big in big_shapes.items():
         module_path, name = path[1:-1], path[-1]
-        source = _stack_source(path, groups, stack) if groups else path
+        source = (path[0], *_stack_source(path[1:], groups, stack)) if groups else path
         if module_path in zeroed:
             leaves[path] = LeafPlan(None, zero=True)
             continue

@@ -136,3 +136,68 @@ def test_fused_qkv_is_grown_block_by_block():
     small, big, small_vars = _gpt_pair(fused=True, **BIG)
     big_vars = expand(small_vars, small, big, _tokens(), rng=_key(), zero=ZERO, fused={r'h_\d+/attn/c_attn': 3})
     assert _logit_gap(small_vars, small, big_vars, big, _tokens()) < 1e-5
+
+
+def test_zoo_vit_logits_are_preserved():
+    images = np.random.default_rng(0).standard_normal((2, 16, 16, 3)).astype(np.float32)
+    small = models.get('vit', num_classes=5, variant='mu/4', depth=2, mlp_dim=64)  # width 32, 2 heads
+    big = models.get('vit', num_classes=5, variant='mu/4', width=64, num_heads=4, depth=4, mlp_dim=128)
+    small_vars = _random_variables(small, images)
+    big_vars = expand(small_vars, small, big, images, rng=_key(), zero=r'block(2|3)/(attention/out|mlp/fc2)')
+    assert big_vars['params']['block1']['attention']['query']['kernel'].shape == (64, 4, 16)
+    assert _logit_gap(small_vars, small, big_vars, big, images) < 1e-5
+
+
+@pytest.mark.parametrize('stack, sources', [('cycle', (0, 1, 0, 1)), ('repeat', (0, 0, 1, 1))])
+def test_stack_copies_small_blocks(stack, sources):
+    small, big, small_vars = _gpt_pair(n_layer=4)
+    big_vars = expand(small_vars, small, big, _tokens(), rng=_key(), depth='stack', stack=stack)  # no check
+    for i, source in enumerate(sources):
+        jax.tree_util.tree_map(np.testing.assert_array_equal, big_vars['params'][f'h_{i}'],
+                               small_vars['params'][f'h_{source}'])
+    assert _logit_gap(small_vars, small, big_vars, big, _tokens()) > 1e-3  # G_stack changes the function
+    # Copies whose residual branches end at zero are identities: then preservation is claimed and checked.
+    zeroed = expand(small_vars, small, big, _tokens(), rng=_key(), depth='stack', stack='cycle', zero=ZERO)
+    np.testing.assert_array_equal(zeroed['params']['h_2']['mlp']['c_fc']['kernel'],
+                                  small_vars['params']['h_0']['mlp']['c_fc']['kernel'])
+    assert _logit_gap(small_vars, small, zeroed, big, _tokens()) < 1e-5
+
+
+# ---------------------------------------------------------------------------------------------
+# The copies must not stay copies
+
+
+def _loss(model, params, tokens):
+    logits = model.apply({'params': params}, tokens[:, :-1])
+    return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
+
+
+def _train(model, params, optimizer, steps: int, seed: int = 5):
+    @jax.jit
+    def step(params, state, tokens):
+        grads = jax.grad(functools.partial(_loss, model))(params, tokens)
+        updates, state = optimizer.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    state = optimizer.init(params)
+    rng = np.random.default_rng(seed)
+    for _ in range(steps):
+        params, state = step(params, state, jnp.asarray(rng.integers(0, VOCAB, (4, SEQ + 1)), jnp.int32))
+    return params
+
+
+def _units_with_a_twin(kernel) -> int:
+    """Columns (units) of a kernel that equal another column exactly."""
+    columns = np.asarray(kernel).T
+    same = (columns[:, None, :] == columns[None, :, :]).all(-1)
+    np.fill_diagonal(same, False)
+    return int(same.any(1).sum())
+
+
+@pytest.mark.parametrize('noise, twins', [(0.0, 128), (0.1, 0)], ids=['exact-split', 'noisy-split'])
+def test_copied_mlp_units_do_not_stay_twins_under_adamw(noise, twins):
+    small, big, small_vars = _gpt_pair(hidden=128)  # only the MLP grows: its units start as exact copies
+    big_vars = expand(small_vars, small, big, _tokens(), rng=_key(), noise=noise)
+    assert _units_with_a_twin(big_vars['params']['h_0']['mlp']['c_fc']['kernel']) == 128
+    trained = _train(big, big_vars['params'], optax.adamw(1e-2, weight_decay=0.1), steps=20)
+    assert _units_with_a_twin(trained['h_0']['mlp']['c_fc']['kernel']) == twins
