@@ -88,10 +88,11 @@ from flax.linen import dtypes as linen_dtypes
 
 from growjax.grow import compile_patterns, pure
 from growjax.nn import l2_normalize_groups, lecun_normal_flat
-from growjax.surgery import (_OPERATIONS, COPY, AddHeads, Deepen, InsertAfter, LoRA, Operation, SurgeryError, Widen,
-                             _kind, _sample, _suffix, activated_units, describe)
+from growjax.surgery import (_OPERATIONS, COPY, AddHeads, Deepen, InsertAfter, LoRA, Operation, Report, SurgeryError,
+                             Widen, _kind, _sample, _suffix, activated_units, describe, resolve_causal)
 
-__all__ = ['NormScale', 'grow', 'module_paths', 'on_pure_dicts']
+__all__ = ['CHECK_ATOL', 'CHECK_RTOL', 'NormScale', 'check_function', 'grow', 'module_paths', 'on_pure_dicts',
+           'report']
 
 
 # ---------------------------------------------------------------------------------------------
@@ -198,6 +199,12 @@ class _Scope:
 
 _SCOPE: contextvars.ContextVar[_Scope | None] = contextvars.ContextVar('growjax_nnx_scope', default=None)
 _LOOSE = threading.local()
+# Operations (indices into the root's list) whose roles a call skips: the model as if they had not
+# been applied, which the function checks compare with (read when a call runs, or is traced).
+_SKIP: contextvars.ContextVar[frozenset] = contextvars.ContextVar('growjax_nnx_skip', default=frozenset())
+# When set, each inserted block's input and output, by (operation index, path): for the error that
+# says why a block does not start as the identity.
+_PROBE: contextvars.ContextVar[dict | None] = contextvars.ContextVar('growjax_nnx_probe', default=None)
 
 
 def _scope() -> _Scope:
@@ -226,9 +233,11 @@ def _grown_call(module, base_call, args, kwargs):
 
 
 def _apply_roles(module, call, args, kwargs):
+    skip = _SKIP.get()
     # Nested so that the first operation is the outermost: it sees the module's original input.
     for role in reversed(module._growjax_roles):
-        call = functools.partial(_RUN[role.kind], module, role, call)
+        if role.index not in skip:
+            call = functools.partial(_RUN[role.kind], module, role, call)
     return call(*args, **kwargs)
 
 
@@ -439,23 +448,68 @@ def _features(projection) -> int:
     return int(features) if isinstance(features, int) else int(math.prod(features))
 
 
+def _head_count(attention) -> tuple[str, int] | None:
+    """(attribute, number of heads) of a user's attention that stores it (`num_heads`: timm, flax;
+    `n_head`: nanoGPT)."""
+    for name in ('num_heads', 'n_head'):
+        value = getattr(attention, name, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return name, value
+    return None
+
+
+def _fused_layout(op: AddHeads, path: str, attention, fused, out) -> tuple[int, int]:
+    """(heads, head_dim) of an attention whose q/k/v come from one fused nnx.Linear `op.qkv`."""
+    where = f'{describe(op)}: {path}'
+    if not _is_linear(fused):
+        raise SurgeryError(f'{where}/{op.qkv} is a {_kind(fused)}; a fused qkv projection is an nnx.Linear of 3 x heads '
+                           'x head_dim output features.')
+    if not _is_linear(out):
+        raise SurgeryError(f'{where}/{op.out} is a {_kind(out)}; with a fused qkv projection the output projection is '
+                           'an nnx.Linear reading heads x head_dim features.')
+    features, head_dim = fused.out_features, op.head_dim
+    if head_dim is None:
+        count = _head_count(attention)
+        if count is None:
+            raise SurgeryError(f'{where} has no num_heads or n_head attribute to split {op.qkv} into heads: pass '
+                               'head_dim= (the width of one head).')
+        if features % (3 * count[1]):
+            raise SurgeryError(f'{where}/{op.qkv} has {features} output features, not 3 x {count[1]} heads '
+                               f'({count[0]}) x head_dim: is it the fused q/k/v projection?')
+        head_dim = features // (3 * count[1])
+    if features % (3 * head_dim):
+        raise SurgeryError(f'{where}/{op.qkv} has {features} output features, not a multiple of 3 x '
+                           f'head_dim={head_dim}: is it the fused q/k/v projection?')
+    heads = features // (3 * head_dim)
+    if out.in_features != heads * head_dim:
+        raise SurgeryError(f'{where}/{op.out} reads {out.in_features} features, not the {heads} x {head_dim} that '
+                           f'{op.qkv} gives each of q, k and v.')
+    return heads, head_dim
+
+
 def _plan_add_heads(index, op: AddHeads, suffix, modules, setup: _Setup):
     rngs, preserve = setup.rngs, setup.preserve
     plans = []
     for path, attention in _match(op, op.module, modules).items():
         children = {}
-        for role, name in (('query', op.query), ('key', op.key), ('value', op.value), ('out', op.out)):
+        for name, role in (*op.projections.items(), (op.out, 'out')):
             child = getattr(attention, name, None)
             if not isinstance(child, nnx.Module):
                 raise SurgeryError(f'{describe(op)}: {path} is a {_kind(attention)} without a {name!r} projection; '
                                    'AddHeads grows nnx.MultiHeadAttention, or a module whose query/key/value/out '
                                    'projections are nnx.LinearGeneral with (heads, head_dim) features or nnx.Linear '
-                                   'with head_dim given.')
+                                   'with head_dim given, or whose fused projection is named by qkv=.')
             children[role] = (name, child)
         if getattr(attention, 'decode', False):
             raise SurgeryError(f'{describe(op)}: {path} decodes with a cache (decode=True); add heads to the model '
                                'used for training, not to its decoding copy.')
-        query, out = children['query'][1], children['out'][1]
+        out = children['out'][1]
+        if op.qkv is not None:
+            fused = children['qkv'][1]
+            heads, head_dim = _fused_layout(op, path, attention, fused, out)
+            plans.append((path, attention, children, fused, (fused.in_features,) * 3, heads, head_dim, True))
+            continue
+        query = children['query'][1]
         if (isinstance(query, nnx.LinearGeneral) and len(query.out_features) == 2 and tuple(query.axis) == (-1,)
                 and not query.batch_axis):
             heads, head_dim = (int(f) for f in query.out_features)
@@ -464,9 +518,9 @@ def _plan_add_heads(index, op: AddHeads, suffix, modules, setup: _Setup):
                 raise SurgeryError(f'{describe(op)}: {path}/{op.out} is a {_kind(out)}; with (heads, head_dim) '
                                    f'projections AddHeads needs an nnx.LinearGeneral reading ({heads}, {head_dim}).')
         elif isinstance(query, nnx.Linear) and isinstance(out, nnx.Linear):
-            head_dim = op.head_dim
-            if head_dim is None and getattr(attention, 'num_heads', None):
-                head_dim = query.out_features // attention.num_heads
+            head_dim, count = op.head_dim, _head_count(attention)
+            if head_dim is None and count is not None:
+                head_dim = query.out_features // count[1]
             if not head_dim or query.out_features % head_dim or out.in_features != query.out_features:
                 raise SurgeryError(f'{describe(op)}: {path} projects with nnx.Linear layers of {query.out_features} '
                                    'features: pass head_dim= (features = heads x head_dim).')
@@ -475,20 +529,21 @@ def _plan_add_heads(index, op: AddHeads, suffix, modules, setup: _Setup):
             raise SurgeryError(f'{describe(op)}: {path}/{op.query} is a {_kind(query)}; AddHeads needs '
                                'nnx.LinearGeneral projections with (heads, head_dim) features (as '
                                'nnx.MultiHeadAttention) or nnx.Linear ones with head_dim given.')
-        plans.append((path, attention, children, heads, head_dim, flat))
+        in_features = tuple(_features(children[which][1]) for which in ('query', 'key', 'value'))
+        plans.append((path, attention, children, query, in_features, heads, head_dim, flat))
 
     def apply():
-        for path, attention, children, heads, head_dim, flat in plans:
-            query, out = children['query'][1], children['out'][1]
+        for path, attention, children, query, in_features, heads, head_dim, flat in plans:
+            out = children['out'][1]
             extra_name = 'extra_heads' + suffix
             extra = _ExtraHeads(
-                _features(query), _features(children['key'][1]), _features(children['value'][1]), op.heads, head_dim,
+                *in_features, op.heads, head_dim,
                 use_bias=query.use_bias, normalize_qk=bool(getattr(attention, 'normalize_qk', False)),
                 dropout_rate=float(getattr(attention, 'dropout_rate', 0.0)),
                 broadcast_dropout=bool(getattr(attention, 'broadcast_dropout', True)), dtype=query.dtype,
                 param_dtype=query.param_dtype, rngs=rngs)
             _add(attention, path, _Role('attention', index, op, path, (extra_name,)), {extra_name: extra})
-            for which in ('query', 'key', 'value'):
+            for which in op.projections.values():
                 name, child = children[which]
                 _add(child, f'{path}/{name}', _Role('head_input', index, op, f'{path}/{name}', (), (path, which)), {})
             kernel_init = _zeros if preserve else lecun_normal_flat
@@ -516,7 +571,7 @@ def _plain_copy(module: nnx.Module) -> nnx.Module:
     copy = nnx.clone(module)
     for _, node in list(nnx.iter_graph(copy)):
         if isinstance(node, nnx.Module) and _is_grown(node):
-            for name in (*node._growjax_added, '_growjax_roles', '_growjax_added', '_growjax_ops'):
+            for name in (*node._growjax_added, '_growjax_roles', '_growjax_added', '_growjax_ops', '_growjax_claims'):
                 if name in vars(node):
                     delattr(node, name)
             object.__setattr__(node, '__class__', type(node).__dict__['_growjax_base'])
@@ -543,7 +598,7 @@ def _plan_insert_after(index, op: InsertAfter, suffix, modules, setup: _Setup):
             raise SurgeryError(f'{describe(op)}: block returned a {type(block).__name__}, not an nnx.Module.')
         inside = list(_walk(block))
         if op.zero is not None:
-            zeroed = [m for p, m in inside if re.fullmatch(op.zero, p)]
+            zeroed = [(p, m) for p, m in inside if re.fullmatch(op.zero, p)]
             if not zeroed:
                 raise SurgeryError(f'{describe(op)}: zero={op.zero!r} matches no module of the new block. '
                                    f'{_suggest(op.zero, [p for p, _ in inside if p])}')
@@ -554,7 +609,7 @@ def _plan_insert_after(index, op: InsertAfter, suffix, modules, setup: _Setup):
             if not kernels:
                 raise SurgeryError(f'{describe(op)}: the new block has no layer with a kernel to start at zero; '
                                    'pass zero=REGEX or residual=False.')
-            zeroed = [kernels[-1][1]]
+            zeroed = [kernels[-1]]
         else:
             zeroed = []
         blocks[path] = (module, block, zeroed)
@@ -562,11 +617,14 @@ def _plan_insert_after(index, op: InsertAfter, suffix, modules, setup: _Setup):
     def apply():
         name = 'inserted' + suffix
         for path, (module, block, zeroed) in blocks.items():
-            for layer in zeroed:
+            for _, layer in zeroed:
                 for variable in vars(layer).values():
                     if isinstance(variable, nnx.Param):
                         variable.set_value(jnp.zeros_like(variable.get_value()))
-            _add(module, path, _Role('insert_after', index, op, path, (name,)), {name: block})
+            # info: the paths inside the block of the layers whose Params start at zero (grow checks they
+            # get a gradient)
+            params = tuple(p for p, layer in zeroed if any(isinstance(v, nnx.Param) for v in vars(layer).values()))
+            _add(module, path, _Role('insert_after', index, op, path, (name,), params), {name: block})
     return apply
 
 
@@ -673,18 +731,44 @@ def _run_attention(module, role: _Role, call, *args, **kwargs):
     if kwargs.get('decode') or getattr(module, 'decode', False):
         raise SurgeryError(f'{describe(role.op)}: {role.path} decodes with a cache (decode=True); add heads to the '
                            'model used for training, not to its decoding copy.')
+    given = _arguments(module, args, kwargs)
     _scope().heads[(role.index, role.op, role.path)] = {
-        'attention': module, 'mask': kwargs.get('mask'), 'deterministic': kwargs.get('deterministic'),
-        'rngs': kwargs.get('rngs'), 'is_causal': bool(kwargs.get('is_causal', False))}
+        'attention': module, 'mask': given.get('mask'), 'deterministic': given.get('deterministic'),
+        'rngs': given.get('rngs'), 'is_causal': bool(given.get('is_causal', False))}
     return call(*args, **kwargs)
+
+
+def _arguments(module, args, kwargs) -> dict:
+    """The arguments of a call of `module` by name, positional ones included (a user's attention may
+    take its mask positionally); only the keywords when the call does not fit the signature."""
+    try:
+        bound = inspect.signature(type(module)._growjax_base.__call__).bind(module, *args, **kwargs)
+    except (TypeError, ValueError):
+        return dict(kwargs)
+    arguments = dict(bound.arguments)
+    for name, parameter in bound.signature.parameters.items():
+        if parameter.kind == parameter.VAR_KEYWORD:
+            arguments.update(arguments.pop(name, {}))
+    return arguments
 
 
 def _run_head_input(module, role: _Role, call, *args, **kwargs):
     attention_path, which = role.info
     state = _scope().heads.get((role.index, role.op, attention_path))
     if state is not None:
-        state[which] = args[0]
+        state.update(dict.fromkeys(('query', 'key', 'value'), args[0]) if which == 'qkv' else {which: args[0]})
     return call(*args, **kwargs)
+
+
+def _causal(op: AddHeads, path: str, state: dict) -> bool:
+    """Whether the new heads are causal: surgery.resolve_causal's rule, and an `is_causal=True` call
+    (flax's own way to say the old heads are) makes them causal too."""
+    if not state['is_causal']:
+        return resolve_causal(op, path, isinstance(state['attention'], nnx.MultiHeadAttention), state['mask'])
+    if op.causal is False:
+        raise SurgeryError(f'{describe(op)}: causal=False, but {path} is called with is_causal=True: new heads that '
+                           'see later positions would leak them to the earlier ones; leave causal out or pass True.')
+    return True
 
 
 def _run_head_output(module, role: _Role, call, *args, **kwargs):
@@ -692,9 +776,9 @@ def _run_head_output(module, role: _Role, call, *args, **kwargs):
     attention_path, flat, heads, head_dim = role.info
     state = _scope().heads.pop((role.index, op, attention_path), None)
     if state is None or not all(which in state for which in ('query', 'key', 'value')):
-        raise SurgeryError(f'{describe(op)}: {attention_path} must call its {op.query!r}, {op.key!r} and '
-                           f'{op.value!r} projections before {op.out!r}; found '
-                           f'{sorted(k for k in (state or {}) if k in ("query", "key", "value"))}.')
+        names = ', '.join(repr(name) for name in op.projections)
+        raise SurgeryError(f'{describe(op)}: {attention_path} must call its {names} projection(s) before {op.out!r}; '
+                           f'found {sorted(k for k in (state or {}) if k in ("query", "key", "value"))}.')
     norm_name, from_name, extra_name = role.attrs
     attention = state['attention']
     extra: _ExtraHeads = getattr(attention, extra_name)
@@ -710,7 +794,7 @@ def _run_head_output(module, role: _Role, call, *args, **kwargs):
                                'heads: pass rngs= to its call.')
         dropout_rng = rngs.dropout() if isinstance(rngs, nnx.Rngs) else rngs()
     new = extra(state['query'], state['key'], state['value'], mask=state['mask'],
-                causal=op.causal or state['is_causal'], deterministic=deterministic, dropout_rng=dropout_rng)
+                causal=_causal(op, attention_path, state), deterministic=deterministic, dropout_rng=dropout_rng)
     old = args[0]
     old_flat = old if flat else old.reshape(*old.shape[:-2], heads * head_dim)
     new_flat = new.reshape(*new.shape[:-2], op.heads * head_dim)
@@ -731,6 +815,9 @@ def _run_insert_after(module, role: _Role, call, *args, **kwargs):
     if out.shape != y.shape:
         raise SurgeryError(f'{describe(op)}: the new block maps shape {y.shape} to {out.shape}; a block inserted '
                            'after a module must keep its output shape.')
+    probe = _PROBE.get()
+    if probe is not None:
+        probe.setdefault((role.index, role.path), (y, out))
     return y + out if op.residual else out
 
 
@@ -759,7 +846,153 @@ _RUN = {'producer': _run_producer, 'through': _run_through, 'consumer': _run_con
 
 
 # ---------------------------------------------------------------------------------------------
+# Checks on concrete inputs
+
+# A claimed function is kept when the outputs differ by at most CHECK_ATOL + CHECK_RTOL x max |output|
+# (float32): new parts that start at zero add exact zeros, but an identity matmul (Deepen) rounds
+# its input where float32 matmuls run in TF32 (GPUs) or bfloat16 passes (TPUs), ~1e-3 relative.
+CHECK_ATOL, CHECK_RTOL = 1e-5, 1e-3
+
+
+def _claims(op: Operation, preserve: bool) -> bool:
+    """Whether `op` says it keeps the function: LoRA (B = 0), InsertAfter with a part at zero
+    (residual, or zero=), and every operation grown with preserve_function=True."""
+    if preserve or isinstance(op, LoRA):
+        return True
+    return isinstance(op, InsertAfter) and (op.residual or op.zero is not None)
+
+
+def _evaluating(model: nnx.Module) -> nnx.Module:
+    """A copy of `model` in eval mode (no dropout, BatchNorm on its running averages): a deterministic
+    function, and the model's own state (batch statistics, RNG counts) untouched by the checks."""
+    copy = nnx.clone(model)
+    copy.eval()
+    return copy
+
+
+def _call(model: nnx.Module, sample: tuple, skip=frozenset(), probe: dict | None = None):
+    """`model(*sample)` with the roles of the operations in `skip` switched off."""
+    tokens = _SKIP.set(frozenset(skip)), _PROBE.set(probe)
+    try:
+        return model(*sample)
+    finally:
+        _PROBE.reset(tokens[1])
+        _SKIP.reset(tokens[0])
+
+
+def _float_leaves(tree) -> list[jax.Array]:
+    return [jnp.asarray(leaf, jnp.float32) for leaf in jax.tree_util.tree_leaves(tree)
+            if jnp.issubdtype(jnp.result_type(leaf), jnp.inexact)]
+
+
+def _difference(actual, expected) -> float | None:
+    """max |actual - expected| over the outputs' float leaves; None when their structures or shapes differ."""
+    if jax.tree_util.tree_structure(actual) != jax.tree_util.tree_structure(expected):
+        return None
+    pairs = list(zip(_float_leaves(actual), _float_leaves(expected)))
+    if any(a.shape != b.shape for a, b in pairs):
+        return None
+    return max((float(jnp.max(jnp.abs(a - b), initial=0.0)) for a, b in pairs), default=0.0)
+
+
+def _tolerance(reference) -> float:
+    return CHECK_ATOL + CHECK_RTOL * max((float(jnp.max(jnp.abs(leaf), initial=0.0))
+                                          for leaf in _float_leaves(reference)), default=0.0)
+
+
+def _not_kept(op: Operation, difference: float, probe: dict, index: int) -> str:
+    """Why `op` alone changes the function it claims to keep: the one-line error."""
+    head = f'{describe(op)}: '
+    if isinstance(op, InsertAfter):
+        head += f'the inserted block does not start as the identity (max |difference| {difference:.3g})'
+        y, out = next((v for (i, _), v in probe.items() if i == index), (None, None))
+        if not op.residual and op.zero is None:
+            return head + ': residual=False without zero= stacks the block, which changes the function; name the ' \
+                'layers that start at zero with zero=REGEX, or grow without preserve_function.'
+        if op.residual:
+            looks = ''
+            if y is not None and float(jnp.linalg.norm(out - y)) < float(jnp.linalg.norm(out)):
+                looks = ' (its output is closer to its input than to zero)'
+            return head + f': with residual=True the block\'s output is added to its input and must start at zero, ' \
+                f'but it is not{looks}; if the block holds its own residual sum (x + f(x), as a pre-LN transformer ' \
+                'block), pass residual=False and zero=REGEX naming the last layer of each of its residual branches.'
+        return head + f': zero={op.zero!r} does not zero every residual branch inside it; name the last layer of ' \
+            'each branch (the block must compute x + 0 at first).'
+    if isinstance(op, Deepen):
+        return head + f'the new layer starts as the identity, but does not keep the function (max |difference| ' \
+            f'{difference:.3g}): its activation changes the features {op.module} reads (a ReLU zeroes negative ' \
+            'ones); pass activation=None, or grow without preserve_function.'
+    return head + f'it does not keep the function it claims to (max |difference| {difference:.3g} on the sample).'
+
+
+def _check_on_sample(root: nnx.Module, checked: Sequence[int], sample: tuple) -> None:
+    """Runs the grown model on `sample` and checks that (i) the operations in `checked` that claim to
+    keep the function do, and (ii) the layers InsertAfter zeroed receive a gradient."""
+    ops, claims = root._growjax_ops, root._growjax_claims
+    model = _evaluating(root)
+    out = _call(model, sample)  # also raises the errors a call would (shapes, AddHeads' causal rule)
+    claiming = [i for i in checked if i in claims]
+    if claiming:
+        reference = _call(model, sample, skip=claiming)
+        tolerance = _tolerance(reference)
+        difference = _difference(out, reference)
+        if difference is None or difference > tolerance:
+            for index in claiming:
+                probe = {}
+                alone = _difference(_call(model, sample, skip=set(claiming) - {index}, probe=probe), reference)
+                if alone is None or alone > tolerance:
+                    raise SurgeryError(_not_kept(ops[index], math.inf if alone is None else alone, probe, index))
+            raise SurgeryError(f'nnx_surgery.grow: {"; ".join(describe(ops[i]) for i in claiming)} each keep the '
+                               f'function, but together change it (max |difference| {difference:.3g}).')
+    _check_alive(model, [i for i in checked if isinstance(ops[i], InsertAfter)], out, sample)
+
+
+def _check_alive(model: nnx.Module, inserts: Sequence[int], out, sample: tuple) -> None:
+    """The layers an InsertAfter zeroed must get a non-zero gradient for a random cotangent of the
+    output (not ones: the outputs of a softmax sum to one, so their gradients would cancel): a layer
+    at zero behind an activation that is flat there (jax's ReLU has slope 0 at 0) never trains."""
+    layers = {}
+    for _, node in nnx.iter_graph(model):
+        for role in getattr(node, '_growjax_roles', ()) if isinstance(node, nnx.Module) else ():
+            if role.kind == 'insert_after' and role.index in inserts:
+                block = f'{role.path}/{role.attrs[0]}'
+                layers.update({f'{block}/{inner}' if inner else block: role.op for inner in role.info})
+    if not layers:
+        return
+    keys = jax.random.split(jax.random.key(0), max(len(_float_leaves(out)), 1))
+    cotangents = [jax.random.normal(key, leaf.shape) for key, leaf in zip(keys, _float_leaves(out))]
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+    def projected(params):
+        outputs = _float_leaves(nnx.merge(graphdef, params, rest)(*sample))
+        return sum(jnp.vdot(leaf, cotangent) for leaf, cotangent in zip(outputs, cotangents))
+
+    moved = set()
+    for path, value in nnx.to_flat_state(jax.grad(projected)(params)):
+        if np.any(np.asarray(value.get_value() if isinstance(value, nnx.Variable) else value)):
+            moved.add('/'.join(str(p) for p in path[:-1]))
+    for layer, op in layers.items():
+        if layer not in moved:
+            raise SurgeryError(f'{describe(op)}: {layer} starts at zero and gets no gradient on the sample, so it would '
+                               'never train: it sits in a flat part of an activation (e.g. ReLU at 0) or is not '
+                               'used; pass zero=REGEX naming a layer that no such activation follows (or end the '
+                               'block with a layer).')
+
+
+# ---------------------------------------------------------------------------------------------
 # grow
+
+
+def _check_reinit(patterns, pretrained: set[tuple]) -> None:
+    """Every reinit regex must match a pretrained Param: a typo ('^haed/') would keep the pretrained
+    leaves it meant to re-initialise, silently."""
+    paths = sorted('/'.join(str(part) for part in path) for path in pretrained)
+    for pattern in patterns:
+        if not any(pattern.search(path) for path in paths):
+            close = difflib.get_close_matches(pattern.pattern.strip('^$'), paths, n=6, cutoff=0.4)
+            hint = f'Did you mean one of: {", ".join(close)}?' if close else f'Its parameters: {_sample(paths)}.'
+            raise SurgeryError(f'reinit: {pattern.pattern!r} matches no parameter of the model (regexes are searched '
+                               f"in paths such as {paths[0]!r}). {hint}")
 
 
 def _reinit(root: nnx.Module, patterns, pretrained: set[tuple], rngs: nnx.Rngs, done: set[str]) -> None:
@@ -806,7 +1039,7 @@ def _clone(module: nnx.Module) -> nnx.Module:
 
 
 def grow(module: nnx.Module, ops: Operation | Sequence[Operation], *, rngs: nnx.Rngs, preserve_function: bool = False,
-         reinit: str | Sequence[str] = (), in_place: bool = False) -> nnx.Module:
+         reinit: str | Sequence[str] = (), in_place: bool = False, sample: Any = None) -> nnx.Module:
     """`module` (an nnx.Module, unmodified) grown by `ops` (growjax.surgery's operations).
 
     Returns a deep copy of `module`, grown (`in_place=True`: `module` itself, grown), with every
@@ -818,10 +1051,23 @@ def grow(module: nnx.Module, ops: Operation | Sequence[Operation], *, rngs: nnx.
     preserve_function=True initialises the new parts so the grown model computes what `module` did:
     zero fan-in from new units and no NormScale, zero new-head outputs, Deepen as the identity.
     reinit: regexes searched in 'a/b/kernel' paths of `module`'s Params; the kernels and biases they
-    match are re-initialised (a Deepen consumer's kernel for its new input width). Pass the same
-    regexes as `reinit=` to growjax.param_labels so those leaves count as new.
+    match are re-initialised (a Deepen consumer's kernel for its new input width); a regex that
+    matches none is an error. Pass the same regexes as `reinit=` to growjax.param_labels so those
+    leaves count as new.
 
-    Growing a grown module again appends the operations (names of earlier rounds stay).
+    sample: inputs of the model's `__call__` (a tuple of positional arguments; anything else is the
+    one argument), e.g. `sample=(x[:2],)`. Required with an InsertAfter or preserve_function=True:
+    whether a new block starts as the identity and can train depends on the model's code, which
+    only a call shows. grow then runs the grown model on it (a copy in eval mode) and raises a
+    SurgeryError naming the operation unless (i) the operations that claim to keep the function
+    (LoRA, InsertAfter with a part at zero, every one with preserve_function=True) do: the output
+    equals the output with their roles switched off, to CHECK_ATOL + CHECK_RTOL x max |output|;
+    (ii) every layer an InsertAfter starts at zero gets a non-zero gradient for a random cotangent
+    of the output (a zero layer before a ReLU never does). With in_place=True a failed check leaves
+    the module grown.
+
+    Growing a grown module again appends the operations (names of earlier rounds stay); the checks
+    concern the new ones.
     """
     if isinstance(ops, _OPERATIONS):
         ops = [ops]
@@ -836,6 +1082,13 @@ def grow(module: nnx.Module, ops: Operation | Sequence[Operation], *, rngs: nnx.
     if not isinstance(rngs, nnx.Rngs):
         raise SurgeryError(f'nnx_surgery.grow: rngs must be an nnx.Rngs (for the new parameters), got '
                            f'{type(rngs).__name__}.')
+    if sample is None:
+        needs = next((describe(op) for op in ops if isinstance(op, InsertAfter)), None)
+        if needs or preserve_function:
+            what = f'{needs} keeps the function and trains' if needs else 'preserve_function=True keeps the function'
+            raise SurgeryError(f'nnx_surgery.grow: whether {what} depends on the model\'s code, which growjax checks '
+                               'by calling it: pass sample=(inputs,) (the positional arguments of its __call__, e.g. '
+                               'sample=(x[:2],)).')
     previous = tuple(vars(module).get('_growjax_ops', ()))
     everything = previous + ops
     duplicates = [describe(op) for i, op in enumerate(everything) if isinstance(op, LoRA) and op in everything[:i]]
@@ -852,6 +1105,7 @@ def grow(module: nnx.Module, ops: Operation | Sequence[Operation], *, rngs: nnx.
     root = module if in_place else _clone(module)
     modules = module_paths(root)
     pretrained = {tuple(path) for path, _ in nnx.to_flat_state(nnx.state(root, nnx.Param))}
+    _check_reinit(patterns, pretrained)
     # Every operation is checked (matches, module kinds) before any is applied.
     setup = _Setup(rngs, preserve_function, patterns)
     steps = [_PLAN[type(op)](index, op, suffixes[index], modules, setup)
@@ -861,7 +1115,90 @@ def grow(module: nnx.Module, ops: Operation | Sequence[Operation], *, rngs: nnx.
         step()
     _reinit(root, patterns, pretrained, rngs, setup.reinitialised)
     root._growjax_ops = everything
+    root._growjax_claims = tuple(vars(root).get('_growjax_claims', ())) + tuple(
+        index for index, op in enumerate(ops, len(previous)) if _claims(op, preserve_function))
+    if sample is not None:
+        _check_on_sample(root, range(len(previous), len(everything)), sample if isinstance(sample, tuple) else (sample,))
     return root
+
+
+# ---------------------------------------------------------------------------------------------
+# What was grafted
+
+
+def _variables(model: nnx.Module) -> dict[str, Any]:
+    """{'a/b/leaf': value} of the model's Variables, RNG state left out (counters, not weights)."""
+    return {'/'.join(str(part) for part in path): variable.get_value()
+            for path, variable in nnx.to_flat_state(nnx.state(model)) if not isinstance(variable, nnx.RngState)}
+
+
+def report(pretrained_model: nnx.Module, grown_model: nnx.Module, *sample_args, reinit: str | Sequence[str] = (),
+           atol: float = 1e-5) -> Report:
+    """surgery.report for NNX: which Variables of `grown_model` (grown from `pretrained_model` by
+    grow) are copied (at a pretrained path), new, or re-initialised (at a pretrained path that a
+    `reinit` regex searches), per module; what each operation matched; and, on `sample_args`
+    (both models in eval mode, on copies):
+
+    - max_abs_difference: the grown model with the operations that change the function by design
+      (`changes_function`: those that claim nothing, see grow) switched off, against the pretrained
+      model: a SurgeryError above `atol` (a pretrained value moved, or a claim broken). None when
+      leaves were re-initialised or the outputs' shapes differ (they differ by design then);
+    - grown_difference: the grown model as it is, against the pretrained model.
+    """
+    ops = vars(grown_model).get('_growjax_ops')
+    if ops is None:
+        raise SurgeryError('nnx_surgery.report: grown_model was not grown by nnx_surgery.grow.')
+    patterns = compile_patterns(reinit)
+    pretrained_paths = set(_variables(pretrained_model))
+    modules: dict[str, dict[str, list[str]]] = {}
+    for path in sorted(_variables(grown_model)):
+        module, leaf = path.rsplit('/', 1) if '/' in path else ('', path)
+        if path not in pretrained_paths:
+            kind = 'new'
+        else:
+            kind = 'reinitialised' if any(p.search(path) for p in patterns) else 'copied'
+        modules.setdefault(module, {}).setdefault(kind, []).append(leaf)
+    matched: dict[int, set[str]] = {index: set() for index in range(len(ops))}
+    for _, node in nnx.iter_graph(grown_model):
+        for role in getattr(node, '_growjax_roles', ()) if isinstance(node, nnx.Module) else ():
+            matched[role.index].add(role.path)
+    matches: dict[str, list[str]] = {}
+    for index, paths in matched.items():
+        matches[describe(ops[index])] = sorted(set(matches.get(describe(ops[index]), ())) | paths)
+    claims = vars(grown_model).get('_growjax_claims', ())
+    changing = [index for index in range(len(ops)) if index not in claims]
+    expected = _call(_evaluating(pretrained_model), sample_args)
+    grown = _evaluating(grown_model)
+    difference = None
+    if not any('reinitialised' in kinds for kinds in modules.values()):
+        difference = _difference(_call(grown, sample_args, skip=changing), expected)
+        if difference is not None and not difference <= atol:
+            raise SurgeryError(f'nnx_surgery.report: the grown model, with the operations that change the function '
+                               f'switched off, differs from the pretrained model by {difference:.3g} (> atol={atol}): '
+                               'a pretrained value is not where the model reads it, or an operation does not keep the '
+                               'function it claims to.')
+    return Report(modules=modules, matches=matches, max_abs_difference=difference,
+                  grown_difference=_difference(_call(grown, sample_args), expected),
+                  changes_function=tuple(describe(ops[index]) for index in changing))
+
+
+def check_function(pretrained_model: nnx.Module, grown_model: nnx.Module, *sample_args, atol: float = 1e-5) -> float:
+    """The max |difference| of the two models' outputs on `sample_args` (both in eval mode, on copies);
+    a SurgeryError above `atol`.
+
+    Give it a grown model that should compute what the pretrained one did (grown with
+    preserve_function=True, or before training): values loaded into the wrong place (two square
+    kernels swapped by a renamed layer, a transposed kernel) keep every shape and path, and this is
+    the check that catches them."""
+    difference = _difference(_call(_evaluating(grown_model), sample_args),
+                             _call(_evaluating(pretrained_model), sample_args))
+    if difference is None:
+        raise SurgeryError('nnx_surgery.check_function: the two models\' outputs differ in structure or shape.')
+    if not difference <= atol:
+        raise SurgeryError(f'The grown model differs from the pretrained model by {difference:.3g} (> atol={atol}): a '
+                           'pretrained value is not where the model reads it, or an operation does not preserve the '
+                           'function.')
+    return difference
 
 
 # ---------------------------------------------------------------------------------------------

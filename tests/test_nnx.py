@@ -142,7 +142,7 @@ def test_every_pretrained_variable_keeps_its_path_and_value(case):
     model = pretrained(name)
     before = flat_state(model)
     types_before = {path: type(node) for path, node in nnx.iter_graph(model)}
-    grown = nnx_surgery.grow(model, ops, rngs=nnx.Rngs(1))
+    grown = nnx_surgery.grow(model, ops, rngs=nnx.Rngs(1), sample=(X[name],))
     assert_pretrained_variables_kept(before, grown)
     assert joined(set(flat_state(grown)) - set(before)) == expected_new
     # The user's pretrained module is not touched: same values, same classes, no new attributes.
@@ -159,7 +159,7 @@ def test_each_operation_preserves_the_function_when_asked(case):
     name, ops, _ = CASES[case]
     model = pretrained(name)
     expected = run(model, X[name])
-    preserving = nnx_surgery.grow(model, ops, rngs=nnx.Rngs(1), preserve_function=True)
+    preserving = nnx_surgery.grow(model, ops, rngs=nnx.Rngs(1), preserve_function=True, sample=(X[name],))
     np.testing.assert_allclose(run(preserving, X[name]), expected, atol=1e-5)
     if case in CHANGE_THE_FUNCTION:  # without preserving, NormScale and the new units change it
         free = nnx_surgery.grow(model, ops, rngs=nnx.Rngs(1))
@@ -178,7 +178,7 @@ def test_inserted_blocks_start_as_the_identity_with_their_last_layer_at_zero():
     model = pretrained('mlp')
     grown = nnx_surgery.grow(model, [surgery.InsertAfter('blocks/1', block=small_block),  # residual: y + block(y)
                                      surgery.InsertAfter('blocks/0', residual=False, zero='fc2')],  # its own residual
-                             rngs=nnx.Rngs(1))
+                             rngs=nnx.Rngs(1), sample=(X['mlp'],))
     block = nnx.to_pure_dict(nnx.state(grown.blocks[1].inserted, nnx.Param))['layers']
     assert not np.any(block[2]['kernel']) and np.any(block[0]['kernel'])
     copy = nnx.to_pure_dict(nnx.state(grown.blocks[0].inserted))
@@ -362,7 +362,8 @@ def test_growing_twice_keeps_the_first_rounds_names_and_values():
     first = nnx_surgery.grow(model, surgery.Widen('blocks/0/fc1', units=4, into='blocks/0/fc2'), rngs=nnx.Rngs(1))
     after_first = flat_state(first)
     second = nnx_surgery.grow(first, [surgery.Widen('blocks/0/fc1', units=3, into='blocks/0/fc2'),
-                                      surgery.LoRA('head', rank=2)], rngs=nnx.Rngs(2), preserve_function=True)
+                                      surgery.LoRA('head', rank=2)], rngs=nnx.Rngs(2), preserve_function=True,
+                        sample=(X['mlp'],))
     assert_pretrained_variables_kept(after_first, second)
     assert joined(set(flat_state(second)) - set(after_first)) == {
         'blocks/0/fc1/plus2/kernel', 'blocks/0/fc1/plus2/bias', 'blocks/0/fc2/from_fc1_plus2/kernel',
