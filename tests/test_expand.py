@@ -21,7 +21,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import growjax
 from growjax import models
 from growjax.errors import UserError
-from growjax.expand import ExpandError, NotPreservedError, check_function, expand, expand_opt_state, expansion_plan
+from growjax.expand import (ExpandError, NotPreservedError, check_function, expand, expand_opt_state, expansion_plan,
+                            rate_scales)
 from growjax.grow import flatten
 
 VOCAB, SEQ = 40, 8
@@ -172,18 +173,19 @@ def _loss(model, params, tokens):
     return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
 
 
-def _train(model, params, optimizer, steps: int, seed: int = 5):
+def _train(model, params, optimizer, steps: int, seed: int = 5, state=None):
+    """(params, optimiser state) after `steps` steps of next-token prediction on random tokens."""
     @jax.jit
     def step(params, state, tokens):
         grads = jax.grad(functools.partial(_loss, model))(params, tokens)
         updates, state = optimizer.update(grads, state, params)
         return optax.apply_updates(params, updates), state
 
-    state = optimizer.init(params)
+    state = optimizer.init(params) if state is None else state
     rng = np.random.default_rng(seed)
     for _ in range(steps):
         params, state = step(params, state, jnp.asarray(rng.integers(0, VOCAB, (4, SEQ + 1)), jnp.int32))
-    return params
+    return params, state
 
 
 def _units_with_a_twin(kernel) -> int:
@@ -199,5 +201,76 @@ def test_copied_mlp_units_do_not_stay_twins_under_adamw(noise, twins):
     small, big, small_vars = _gpt_pair(hidden=128)  # only the MLP grows: its units start as exact copies
     big_vars = expand(small_vars, small, big, _tokens(), rng=_key(), noise=noise)
     assert _units_with_a_twin(big_vars['params']['h_0']['mlp']['c_fc']['kernel']) == 128
-    trained = _train(big, big_vars['params'], optax.adamw(1e-2, weight_decay=0.1), steps=20)
+    trained, _ = _train(big, big_vars['params'], optax.adamw(1e-2, weight_decay=0.1), steps=20)
     assert _units_with_a_twin(trained['h_0']['mlp']['c_fc']['kernel']) == twins
+
+
+# ---------------------------------------------------------------------------------------------
+# Optimiser state: the first update after growth is what the rule says
+
+
+def _tiled(small, big_shape) -> np.ndarray:
+    """Copies of `small` along every axis that grows (the plain layout of the unfused GPT)."""
+    small = np.asarray(small)
+    for axis, (s, b) in enumerate(zip(small.shape, big_shape)):
+        small = np.concatenate([small] * (b // s), axis) if s != b else small
+    return small
+
+
+def _first_updates(optimizer, rule: str):
+    """Grow a GPT trained for 3 steps (exact splits, so gradients are exact copies) with its optimiser
+    state, then take one step on the same batch in both models."""
+    small, big, small_vars = _gpt_pair(**BIG)
+    small_params, state = _train(small, small_vars['params'], optimizer, steps=3)
+    plan = expansion_plan(small, big, _tokens(), zero=ZERO)
+    big_params = expand({'params': small_params}, small, big, _tokens(), rng=_key(), plan=plan, noise=0.0)['params']
+    big_state = expand_opt_state(state, small_params, big_params, plan, rule=rule)
+    tokens = jnp.asarray(np.random.default_rng(9).integers(0, VOCAB, (4, SEQ + 1)), jnp.int32)
+    small_updates, _ = optimizer.update(jax.grad(functools.partial(_loss, small))(small_params, tokens), state,
+                                        small_params)
+    big_grads = jax.grad(functools.partial(_loss, big))(big_params, tokens)
+    big_updates, _ = optimizer.update(big_grads, big_state, big_params)
+    return plan, *(flatten(tree) for tree in (small_params, big_params, small_updates, big_updates, big_grads)), \
+        big_state
+
+
+LR, WD = 1e-2, 0.1
+B1, B2, EPS = 0.9, 0.999, 1e-8
+
+
+def test_adamw_state_map_makes_the_first_step_the_small_models_step():
+    # eps aside: a tiled copy's sqrt(nu) is the small one's / f, so eps would weigh f times more; 1e-16 hides it.
+    optimizer = optax.adamw(LR, eps=1e-16, weight_decay=WD)
+    plan, small_p, big_p, small_u, big_u, big_g, big_state = _first_updates(optimizer, 'map')
+    assert int(big_state[0].count) == 3  # kept
+    for path, update in big_u.items():
+        if path[-2:] == ('k', 'bias'):
+            continue  # its gradient is rounding noise (softmax ignores a shift of all keys), which Adam normalises
+        if path[0] in ('h_2', 'h_3'):  # new leaves: zero moments, the step count goes on (to 4)
+            m_hat = (1 - B1) * big_g[path] / (1 - B1 ** 4)
+            v_hat = (1 - B2) * big_g[path] ** 2 / (1 - B2 ** 4)
+            expected = -LR * (m_hat / (np.sqrt(v_hat) + 1e-16) + WD * big_p[path])
+        else:  # Adam's part of the step is the small model's, copied; decay acts on the big weights
+            expected = _tiled(small_u[path] + LR * WD * small_p[path], update.shape) - LR * WD * big_p[path]
+        np.testing.assert_allclose(update, expected, atol=2e-6, err_msg='/'.join(path))
+    assert rate_scales(plan)['h_0']['mlp']['c_proj']['kernel'] == 0.5  # it reads the hidden units, 64 -> 128
+
+
+def test_sgd_momentum_state_map_scales_the_step_as_the_gradients():
+    optimizer = optax.inject_hyperparams(optax.sgd)(learning_rate=0.1, momentum=0.9)
+    plan, _, _, small_u, big_u, big_g, _ = _first_updates(optimizer, 'map')
+    for path, update in big_u.items():
+        leaf = plan.leaves[('params', *path)]
+        expected = -0.1 * big_g[path] if leaf.source is None or leaf.zero else \
+            _tiled(small_u[path], update.shape) / leaf.written_factor
+        np.testing.assert_allclose(update, expected, atol=1e-6, err_msg='/'.join(path))
+
+
+def test_adamw_state_reset_makes_the_first_step_a_fresh_adams():
+    _, _, big_p, _, big_u, big_g, big_state = _first_updates(optax.adamw(LR, weight_decay=WD), 'reset')
+    assert int(big_state[0].count) == 0
+    for path, update in big_u.items():
+        if path[-2:] == ('k', 'bias'):
+            continue  # its gradient is rounding noise (softmax ignores a shift of all keys), which Adam normalises
+        expected = -LR * (big_g[path] / (np.abs(big_g[path]) + EPS) + WD * big_p[path])
+        np.testing.assert_allclose(update, expected, atol=1e-6, err_msg='/'.join(path))
