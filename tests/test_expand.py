@@ -274,3 +274,84 @@ def test_adamw_state_reset_makes_the_first_step_a_fresh_adams():
             continue  # its gradient is rounding noise (softmax ignores a shift of all keys), which Adam normalises
         expected = -LR * (big_g[path] / (np.abs(big_g[path]) + EPS) + WD * big_p[path])
         np.testing.assert_allclose(update, expected, atol=1e-6, err_msg='/'.join(path))
+
+
+# ---------------------------------------------------------------------------------------------
+# What cannot be grown is refused in one line that names the leaf or module and why
+
+
+def _error(call) -> str:
+    with pytest.raises(UserError) as info:
+        call()
+    message = str(info.value)
+    assert isinstance(info.value, ExpandError) and '\n' not in message, message
+    return message
+
+
+def test_non_integer_growth_factor_is_refused():
+    small, big, small_vars = _gpt_pair(n_embd=24, n_head=3)
+    message = _error(lambda: expand(small_vars, small, big, _tokens(), rng=_key()))
+    assert 'goes from 16 to 24' in message and 'not an integer growth factor' in message and 'params/' in message
+
+
+def test_head_dim_change_is_refused():
+    images = np.zeros((1, 16, 16, 3), np.float32)
+    small = models.get('vit', num_classes=5, variant='mu/4', depth=1)  # width 32, 2 heads of 16
+    big = models.get('vit', num_classes=5, variant='mu/4', depth=1, width=64)  # 2 heads of 32
+    message = _error(lambda: expansion_plan(small, big, images))
+    assert 'block0/attention' in message and 'head_dim changes from 16 to 32' in message
+    # The user's own attention hides head_dim in a reshape: the function check finds it.
+    small, big, small_vars = _gpt_pair(n_embd=32)
+    message = _error(lambda: expand(small_vars, small, big, _tokens(), rng=_key()))
+    assert 'h_0/attn/c_proj is the first module' in message and 'head_dim' in message
+
+
+def test_undeclared_fused_qkv_is_caught_and_the_option_named():
+    small, big, small_vars = _gpt_pair(fused=True, n_embd=32, n_head=4)
+    message = _error(lambda: expand(small_vars, small, big, _tokens(), rng=_key()))
+    assert "['h_0/attn/c_attn']" in message and 'fused=' in message, message
+
+
+def test_tied_embeddings_are_refused_where_the_width_grows():
+    small, big, small_vars = _gpt_pair(tied=True, n_embd=32, n_head=4)
+    message = _error(lambda: expand(small_vars, small, big, _tokens(), rng=_key()))
+    assert message.startswith('params/wte/embedding') and 'tied' in message
+    small, big, small_vars = _gpt_pair(tied=True, hidden=128)  # the tied axis does not grow: fine
+    big_vars = expand(small_vars, small, big, _tokens(), rng=_key())
+    assert _logit_gap(small_vars, small, big_vars, big, _tokens()) < 1e-5
+
+
+def test_nnx_models_and_unmatched_zero_are_refused():
+    linear = nnx.Linear(2, 3, rngs=nnx.Rngs(0))
+    assert 'linen-only' in _error(lambda: expansion_plan(linear, linear, np.zeros((1, 2), np.float32)))
+    small, big, small_vars = _gpt_pair(n_layer=4)
+    message = _error(lambda: expand(small_vars, small, big, _tokens(), rng=_key(), zero='h_2/c_proj'))
+    assert "['h_2', 'h_3']" in message
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure and shardable
+
+
+def test_expands_under_jit_into_sharded_leaves_on_8_devices():
+    devices = np.array(jax.devices())
+    assert devices.size == 8, 'conftest.py asks XLA for 8 CPU devices'
+    mesh = Mesh(devices, ('model',))
+
+    def sharding_for(leaf):
+        spec = P(*([None] * (leaf.ndim - 1)), 'model') if leaf.ndim and leaf.shape[-1] % 8 == 0 else P()
+        return NamedSharding(mesh, spec)
+
+    small, big, small_vars = _gpt_pair(**BIG)
+    placed = jax.tree_util.tree_map(lambda a: jax.device_put(a, sharding_for(a)), small_vars)
+    out_shardings = jax.tree_util.tree_map(sharding_for, jax.eval_shape(big.init, _key(), _tokens()))
+    rng = jax.device_put(_key(3), NamedSharding(mesh, P()))
+    grow = jax.jit(lambda v, key: expand(v, small, big, jnp.zeros((2, SEQ), jnp.int32), rng=key, zero=ZERO),
+                   out_shardings=out_shardings)
+    with jax.transfer_guard('disallow'):
+        big_vars = grow(placed, rng)
+    kernel = big_vars['params']['h_1']['mlp']['c_fc']['kernel']
+    assert kernel.sharding == out_shardings['params']['h_1']['mlp']['c_fc']['kernel'] and len(kernel.sharding.device_set) == 8
+    eager = expand(small_vars, small, big, _tokens(), rng=_key(3), zero=ZERO)
+    jax.tree_util.tree_map(functools.partial(np.testing.assert_allclose, atol=1e-6), jax.device_get(big_vars), eager)
+    assert check_function(small_vars, small, jax.device_get(big_vars), big, _tokens()) < 1e-5
