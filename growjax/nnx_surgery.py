@@ -32,7 +32,11 @@ appear, at the linen version's names:
   NormScale and a zero fan-in.
 - AddHeads(A, heads) on an nnx.MultiHeadAttention (or a module with query/key/value/out
   projections: nnx.LinearGeneral with (heads, head_dim) features, or nnx.Linear with head_dim
-  given): `A/extra_heads/{query,key,value}`, `A/out/from_extra_heads`, `A/out/norm`.
+  given or A's `num_heads` / `n_head`; or with one fused nnx.Linear projection named by qkv=, of 3
+  x heads x head_dim features, whose input feeds all three of the new heads' projections):
+  `A/extra_heads/{query,key,value}`, `A/out/from_extra_heads`, `A/out/norm`. The new heads take
+  A's `mask` argument; causal follows surgery.resolve_causal (a user's attention called without
+  a mask needs causal=True or False), and an `is_causal=True` call makes them causal.
 - InsertAfter(M, block): the block at `M/inserted` (linen: `<M>_inserted` beside M). `block` is
   called with `rngs=` (or the rngs as its one argument, or nothing) and returns an nnx.Module, or is
   'copy': a copy of M as pretrained (its Variables' values copied, growjax's parts of M left out).
@@ -47,6 +51,13 @@ appear, at the linen version's names:
 A second operation of a kind on the same pattern gets the suffix '2' ('plus2', 'norm2', ...), also
 across growth rounds: `grow(grown, more_ops, rngs=...)` appends operations, names of earlier rounds
 stay.
+
+Checks. Whether a new block starts as the identity and can train depends on the model's code
+(a pre-LN block holds its own residual sum; a zero layer before a ReLU gets no gradient), so grow
+runs the grown model on `sample=` and raises, naming the operation, rather than return a model
+that is silently not what was asked for (see grow; required with InsertAfter or
+preserve_function=True). `report(pretrained, grown, x)` and `check_function(pretrained, grown, x)`
+are surgery.report's and surgery.check_function's NNX versions.
 
 Calls. The user's code runs unchanged (`x = self.fc2(nnx.relu(self.fc1(x)))`): the producer's
 wrapper returns P's old output and leaves its new units in a store of the current call, the
@@ -462,8 +473,8 @@ def _fused_layout(op: AddHeads, path: str, attention, fused, out) -> tuple[int, 
     """(heads, head_dim) of an attention whose q/k/v come from one fused nnx.Linear `op.qkv`."""
     where = f'{describe(op)}: {path}'
     if not _is_linear(fused):
-        raise SurgeryError(f'{where}/{op.qkv} is a {_kind(fused)}; a fused qkv projection is an nnx.Linear of 3 x heads '
-                           'x head_dim output features.')
+        raise SurgeryError(f'{where}/{op.qkv} is a {_kind(fused)}; a fused qkv projection is an nnx.Linear of 3 x '
+                           'heads x head_dim output features.')
     if not _is_linear(out):
         raise SurgeryError(f'{where}/{op.out} is a {_kind(out)}; with a fused qkv projection the output projection is '
                            'an nnx.Linear reading heads x head_dim features.')
@@ -900,16 +911,19 @@ def _tolerance(reference) -> float:
                                           for leaf in _float_leaves(reference)), default=0.0)
 
 
-def _not_kept(op: Operation, difference: float, probe: dict, index: int) -> str:
+def _change(difference: float | None) -> str:
+    return 'a different output shape' if difference is None else f'max |difference| {difference:.3g}'
+
+
+def _not_kept(op: Operation, difference: float | None, probe: dict, index: int) -> str:
     """Why `op` alone changes the function it claims to keep: the one-line error."""
-    head = f'{describe(op)}: '
     if isinstance(op, InsertAfter):
-        head += f'the inserted block does not start as the identity (max |difference| {difference:.3g})'
-        y, out = next((v for (i, _), v in probe.items() if i == index), (None, None))
+        head = f'{describe(op)}: the inserted block does not start as the identity ({_change(difference)})'
         if not op.residual and op.zero is None:
             return head + ': residual=False without zero= stacks the block, which changes the function; name the ' \
                 'layers that start at zero with zero=REGEX, or grow without preserve_function.'
         if op.residual:
+            y, out = next((v for (i, _), v in probe.items() if i == index), (None, None))
             looks = ''
             if y is not None and float(jnp.linalg.norm(out - y)) < float(jnp.linalg.norm(out)):
                 looks = ' (its output is closer to its input than to zero)'
@@ -919,10 +933,10 @@ def _not_kept(op: Operation, difference: float, probe: dict, index: int) -> str:
         return head + f': zero={op.zero!r} does not zero every residual branch inside it; name the last layer of ' \
             'each branch (the block must compute x + 0 at first).'
     if isinstance(op, Deepen):
-        return head + f'the new layer starts as the identity, but does not keep the function (max |difference| ' \
-            f'{difference:.3g}): its activation changes the features {op.module} reads (a ReLU zeroes negative ' \
-            'ones); pass activation=None, or grow without preserve_function.'
-    return head + f'it does not keep the function it claims to (max |difference| {difference:.3g} on the sample).'
+        return f'{describe(op)}: the new layer starts as the identity, but does not keep the function ' \
+            f'({_change(difference)}): its activation changes the features {op.module} reads (a ReLU zeroes ' \
+            'negative ones); pass activation=None, or grow without preserve_function.'
+    return f'{describe(op)}: it does not keep the function it claims to ({_change(difference)} on the sample).'
 
 
 def _check_on_sample(root: nnx.Module, checked: Sequence[int], sample: tuple) -> None:
@@ -941,9 +955,9 @@ def _check_on_sample(root: nnx.Module, checked: Sequence[int], sample: tuple) ->
                 probe = {}
                 alone = _difference(_call(model, sample, skip=set(claiming) - {index}, probe=probe), reference)
                 if alone is None or alone > tolerance:
-                    raise SurgeryError(_not_kept(ops[index], math.inf if alone is None else alone, probe, index))
+                    raise SurgeryError(_not_kept(ops[index], alone, probe, index))
             raise SurgeryError(f'nnx_surgery.grow: {"; ".join(describe(ops[i]) for i in claiming)} each keep the '
-                               f'function, but together change it (max |difference| {difference:.3g}).')
+                               f'function, but together change it ({_change(difference)}).')
     _check_alive(model, [i for i in checked if isinstance(ops[i], InsertAfter)], out, sample)
 
 
@@ -959,8 +973,9 @@ def _check_alive(model: nnx.Module, inserts: Sequence[int], out, sample: tuple) 
                 layers.update({f'{block}/{inner}' if inner else block: role.op for inner in role.info})
     if not layers:
         return
-    keys = jax.random.split(jax.random.key(0), max(len(_float_leaves(out)), 1))
-    cotangents = [jax.random.normal(key, leaf.shape) for key, leaf in zip(keys, _float_leaves(out))]
+    leaves = _float_leaves(out)
+    keys = jax.random.split(jax.random.key(0), len(leaves))  # fixed: the check gives the same answer every time
+    cotangents = [jax.random.normal(key, leaf.shape) for key, leaf in zip(keys, leaves)]
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 
     def projected(params):
@@ -973,8 +988,8 @@ def _check_alive(model: nnx.Module, inserts: Sequence[int], out, sample: tuple) 
             moved.add('/'.join(str(p) for p in path[:-1]))
     for layer, op in layers.items():
         if layer not in moved:
-            raise SurgeryError(f'{describe(op)}: {layer} starts at zero and gets no gradient on the sample, so it would '
-                               'never train: it sits in a flat part of an activation (e.g. ReLU at 0) or is not '
+            raise SurgeryError(f'{describe(op)}: {layer} starts at zero and gets no gradient on the sample, so it '
+                               'would never train: it sits in a flat part of an activation (e.g. ReLU at 0) or is not '
                                'used; pass zero=REGEX naming a layer that no such activation follows (or end the '
                                'block with a layer).')
 
@@ -1118,7 +1133,8 @@ def grow(module: nnx.Module, ops: Operation | Sequence[Operation], *, rngs: nnx.
     root._growjax_claims = tuple(vars(root).get('_growjax_claims', ())) + tuple(
         index for index, op in enumerate(ops, len(previous)) if _claims(op, preserve_function))
     if sample is not None:
-        _check_on_sample(root, range(len(previous), len(everything)), sample if isinstance(sample, tuple) else (sample,))
+        sample = sample if isinstance(sample, tuple) else (sample,)
+        _check_on_sample(root, range(len(previous), len(everything)), sample)
     return root
 
 
