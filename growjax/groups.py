@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from growjax.grow import Path, compile_patterns, flatten, matches_any, path_str, pure, unflatten
+from growjax.grow import Path, check_patterns_used, compile_patterns, flatten, matches_any, path_str, pure, unflatten
 
 PRETRAINED, NEW = 'pretrained', 'new'
 
@@ -27,6 +27,8 @@ def param_labels(params: Mapping, pretrained_params: Mapping, reinit: str | Iter
     """
     patterns = compile_patterns(reinit)
     pretrained_flat = flatten(pretrained_params)
+    if pretrained_flat:
+        check_patterns_used(patterns, pretrained_flat)
     return unflatten({
         path: NEW if path not in pretrained_flat or matches_any(path, patterns) else PRETRAINED
         for path in flatten(params)})

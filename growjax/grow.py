@@ -6,9 +6,10 @@ devices and no array goes through the host.
 """
 from __future__ import annotations
 
+import difflib
 import functools
 import re
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Protocol, Sequence, runtime_checkable
 
 import jax
 import jax.numpy as jnp
@@ -57,6 +58,20 @@ def compile_patterns(patterns: str | Iterable[str]) -> list[re.Pattern]:
     return compiled
 
 
+def check_patterns_used(patterns: Sequence[re.Pattern], paths: Iterable[Path], what: str = 'pretrained leaf') -> None:
+    """A GraftError for a reinit pattern that matches none of `paths`: a typo (`'^lm_haed/'`) would
+    otherwise leave pretrained what the user meant to re-initialise."""
+    paths = list(paths)
+    for pattern in patterns:
+        if not any(matches_any(path, [pattern]) for path in paths):
+            modules = sorted({path_str(path[1:-1] if path[0] == 'params' else path[:-1]) for path in paths})
+            close = difflib.get_close_matches(re.sub(r'[\^$\\()|?*+.\[\]]', '', pattern.pattern), modules, n=4,
+                                              cutoff=0.3)
+            hint = f' (did you mean {", ".join(close)}?)' if close else ''
+            raise GraftError(f'reinit pattern {pattern.pattern!r} matches no {what}{hint}. A pattern that matches '
+                             'nothing would leave pretrained what it meant to re-initialise.')
+
+
 def matches_any(path: Path, patterns: Sequence[re.Pattern]) -> bool:
     """A path matches when a pattern matches its 'a/b/c' form, with or without the collection."""
     joined = path_str(path)
@@ -68,12 +83,16 @@ def _shape(leaf) -> tuple[int, ...]:
     return tuple(jnp.shape(leaf))
 
 
-def graft_plan(pretrained: Mapping, grown_shapes: Mapping, reinit: Sequence[re.Pattern] = ()) -> set[Path]:
+def graft_plan(pretrained: Mapping, grown_shapes: Mapping, reinit: Sequence[re.Pattern] = (),
+               also_reinit: Iterable[Path] = ()) -> set[Path]:
     """The paths of `grown_shapes` that take their value from `pretrained`.
 
     Raises GraftError for a pretrained leaf that the grown tree lacks or holds with another shape,
-    unless a reinit pattern matches it. Static: reads shapes only, never values.
+    unless a reinit pattern matches it, and for a reinit pattern that matches no pretrained leaf
+    (nor one of `also_reinit`, leaves the pretrained tree should have held). Static: reads shapes
+    only, never values.
     """
+    check_patterns_used(reinit, [*flatten(pretrained), *also_reinit])
     grown_flat = flatten(grown_shapes)
     copied = set()
     problems = []
@@ -161,7 +180,7 @@ def grow_params(pretrained_variables: Mapping, model, rng: jax.Array, *sample_ar
     `pretrained_variables` may be an nnx.State (read as its pure dict). Flax NNX models grow with
     growjax.nnx_surgery.grow instead: their Variables already hold the pretrained values.
     """
-    if preserve_function:
+    if preserve_function and not getattr(model, 'preserve_function', False):
         if 'preserve_function' not in getattr(model, '__dataclass_fields__', {}):
             raise TypeError(f'{type(model).__name__} has no `preserve_function` field, so grow_params cannot '
                             'know how to initialise its new parts to preserve the function.')
@@ -174,19 +193,63 @@ def grow_params(pretrained_variables: Mapping, model, rng: jax.Array, *sample_ar
     if 'params' in collections and isinstance(pretrained_variables, Mapping) and 'params' not in pretrained_variables:
         raise GraftError(f'grow_params takes variables with their collections, e.g. {{\'params\': params}}, but the '
                          f'pretrained tree\'s top level is {sorted(pretrained_variables)[:6]}: pass {{\'params\': params}}.')
-    copied = graft_plan(pretrained_variables, unflatten(shapes), patterns)
     pretrained_flat = flatten(pretrained_variables)
+    earlier = model.earlier_rounds(*sample_args) if isinstance(model, GrownModel) else {}
+    copied = graft_plan(pretrained_variables, unflatten(shapes), patterns, also_reinit=earlier)
+    _check_earlier_rounds(earlier, pretrained_flat, patterns)
     sources = _copy_sources(model, pretrained_flat, shapes, sample_args)
     init_new, _ = _init_leaves(model, frozenset(shapes.keys() - copied - sources.keys()), sample_args)
     fresh = init_new(rng, *arrays)
-    return unflatten({path: pretrained_flat[path] if path in copied else
-                      pretrained_flat[sources[path]] if path in sources else fresh[path] for path in shapes})
+    grown = unflatten({path: pretrained_flat[path] if path in copied else
+                       pretrained_flat[sources[path]] if path in sources else fresh[path] for path in shapes})
+    if isinstance(model, GrownModel) and not _traced(pretrained_variables, rng, sample_args):
+        model.check_growth(grown, *sample_args)  # under an outer jit, the caller runs it (e.g. train.init_state)
+    return grown
+
+
+@runtime_checkable
+class GrownModel(Protocol):
+    """What grow_params asks of a model that knows how it was grown (growjax.surgery.Grown).
+
+    A plain model (growjax's zoo) needs none of it: its new leaves are the paths the pretrained
+    tree lacks. A surgically grown one also knows which new leaves start as copies, which leaves
+    earlier growth rounds added (so the pretrained tree must be the one trained after them), and
+    how to check on a sample input that what it claims (the function kept, zeroed layers alive)
+    holds."""
+    preserve_function: bool
+
+    def graft_sources(self, *sample_args) -> dict[Path, Path]:
+        """{grown leaf path: pretrained leaf path} of new leaves that start as copies."""
+
+    def earlier_rounds(self, *sample_args) -> dict[Path, int]:
+        """{leaf path: the growth round (1, 2, ...) that added it} for leaves of earlier rounds."""
+
+    def check_growth(self, variables: Mapping, *sample_args) -> None:
+        """Raises when the grown variables break what the model's operations claim."""
+
+
+def _traced(*trees) -> bool:
+    return any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree_util.tree_leaves(trees))
+
+
+def _check_earlier_rounds(earlier: Mapping[Path, int], pretrained_flat: Mapping, patterns) -> None:
+    """A GraftError when the pretrained tree lacks leaves an earlier growth round added: it is the
+    tree the model started from, not the one trained after that round (its units would be lost)."""
+    missing = {path: round_ for path, round_ in earlier.items()
+               if path not in pretrained_flat and not matches_any(path, patterns)}
+    if missing:
+        first = min(missing.values())
+        paths = sorted(path_str(path) for path, round_ in missing.items() if round_ == first)
+        raise GraftError(f'The pretrained variables lack the {len(paths)} leaves that growth round {first} added '
+                         f'({", ".join(paths[:4])}{", ..." if len(paths) > 4 else ""}): the model was grown again, '
+                         f'so it grafts from the variables trained after round {first}, not those it started from; '
+                         'pass those, or reinit=REGEX naming these leaves to start them fresh.')
 
 
 def _copy_sources(model, pretrained_flat: Mapping[Path, Any], shapes: Mapping[Path, Any], sample_args) -> dict:
     """{new path: pretrained path} of new leaves that start as a copy of a pretrained leaf, from
     the model's `graft_sources` (surgery's InsertAfter(block='copy')); strict like grafting."""
-    if not hasattr(model, 'graft_sources'):
+    if not isinstance(model, GrownModel):
         return {}
     sources = model.graft_sources(*sample_args)
     problems = [f'{path_str(new)} copies {path_str(old)}, which the pretrained tree '
@@ -203,6 +266,7 @@ def new_paths(grown: Mapping, pretrained: Mapping, reinit: str | Iterable[str] =
     """Paths of `grown` that are new: absent from `pretrained` (a tree or its shapes) or reinitialised."""
     patterns = compile_patterns(reinit)
     pretrained_flat = flatten(pretrained)
+    check_patterns_used(patterns, pretrained_flat)
     return {path for path in flatten(grown) if path not in pretrained_flat or matches_any(path, patterns)}
 
 
@@ -234,6 +298,7 @@ def grow_opt_state(opt_state: PyTree, old_params: Mapping, new_params: Mapping, 
     nnx_surgery.on_pure_dicts(tx)), and the result is over pure dicts too.
     """
     old_params, new_params = pure(old_params), pure(new_params)
+    _refuse_variables_dicts(opt_state, old_params, new_params)
     graft_plan(old_params, new_params)  # every old slot must have a same-shaped place
     if optimizer is not None:
         return _carry_over(opt_state, optimizer.init(new_params), ())
@@ -263,6 +328,35 @@ def grow_opt_state(opt_state: PyTree, old_params: Mapping, new_params: Mapping, 
     return visit(opt_state)
 
 
+def _refuse_variables_dicts(opt_state, old_params: Mapping, new_params: Mapping) -> None:
+    """A one-line GraftError for `{'params': ..., ...}` variables given where the optimiser saw the
+    params alone: no slot would match them, and the state would come back ungrown, to fail at the
+    first update."""
+    def shaped_like(tree) -> bool:
+        structure = jax.tree_util.tree_structure(tree)
+        found = []
+
+        def visit(node):
+            if found or node is None:
+                return
+            if isinstance(node, Mapping) and jax.tree_util.tree_structure(node) == structure:
+                found.append(node)
+            elif isinstance(node, Mapping):
+                for child in node.values():
+                    visit(child)
+            elif isinstance(node, (tuple, list)):
+                for child in node:
+                    visit(child)
+        visit(opt_state)
+        return bool(found)
+
+    for name, tree in (('old_params', old_params), ('new_params', new_params)):
+        inner = tree.get('params') if isinstance(tree, Mapping) else None
+        if isinstance(inner, Mapping) and not shaped_like(tree) and shaped_like(old_params.get('params', {})):
+            raise GraftError(f"grow_opt_state: {name} is a variables dict ({{'params': ...}}) but the optimiser state "
+                             "holds slots for the parameters alone: pass variables['params'] for both.")
+
+
 def _holds_masked_node(node, old_structure) -> bool:
     """A params-like mapping with masked (MaskedNode) leaves."""
     if not isinstance(node, Mapping):
@@ -286,9 +380,9 @@ def _carry_over(old, new, where: tuple) -> PyTree:
         return type(new)(*(_carry_over(getattr(old, f), getattr(new, f), (*where, f)) for f in new._fields))
     if isinstance(new, (tuple, list)):
         if not isinstance(old, (tuple, list)) or len(old) != len(new):
-            raise GraftError(f'grow_opt_state: at {here} the old state has {len(old) if isinstance(old, (tuple, list)) else 1}'
-                             f' parts, the grown optimiser {len(new)}: build the grown optimiser like the old one '
-                             '(the same chain of transformations).')
+            raise GraftError(f'grow_opt_state: at {here} the old state is {_state_kinds(old)}, the grown optimiser\'s '
+                             f'{_state_kinds(new)}: build the grown optimiser like the old one (the same chain of '
+                             'transformations).')
         return type(new)(_carry_over(o, n, (*where, i)) for i, (o, n) in enumerate(zip(old, new)))
     if isinstance(new, Mapping):
         if not isinstance(old, Mapping):
@@ -305,6 +399,12 @@ def _carry_over(old, new, where: tuple) -> PyTree:
                              f'{_shape(new)}: a pretrained leaf changed shape.')
         return jnp.asarray(old, dtype=new.dtype) if hasattr(new, 'dtype') else old
     return new if not jax.tree_util.tree_leaves(old) else old
+
+
+def _state_kinds(state) -> str:
+    """'(TraceState, EmptyState)': the optax state classes of a chain, to tell an SGD state from an Adam one."""
+    parts = state if isinstance(state, (tuple, list)) and not hasattr(state, '_fields') else (state,)
+    return '(' + ', '.join(type(part).__name__ for part in parts) + ')'
 
 
 def _slot_dtype(slot_tree: Mapping, param) -> jnp.dtype:

@@ -47,11 +47,13 @@ from __future__ import annotations
 import contextvars
 import dataclasses
 import difflib
+import inspect
 import math
 import re
 from typing import Any, Callable, Mapping, Sequence
 
 import flax.linen as nn
+from flax import errors as flax_errors
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -307,7 +309,7 @@ class _Record:
     """What an init call saw (read by the grown module's init and by `report`)."""
     seen: list[str] = dataclasses.field(default_factory=list)  # module paths, in call order
     matched: dict[tuple[int, str], set[str]] = dataclasses.field(default_factory=dict)  # (op, role) -> paths
-    zero: set[Path] = dataclasses.field(default_factory=set)  # params that start at zero (module paths)
+    zero: dict[Path, int] = dataclasses.field(default_factory=dict)  # module path -> the op that starts it at zero
     copies: dict[Path, Path] = dataclasses.field(default_factory=dict)  # new module path -> copied module path
 
     def match(self, index: int, role: str, path: str) -> None:
@@ -315,6 +317,8 @@ class _Record:
 
 
 _RECORD: contextvars.ContextVar[_Record | None] = contextvars.ContextVar('growjax_surgery_record', default=None)
+# Indices of operations a call leaves out (the growth checks compare the model with and without them).
+_SKIP: contextvars.ContextVar[frozenset[int]] = contextvars.ContextVar('growjax_surgery_skip', default=frozenset())
 
 
 def _suffix(count: int) -> str:
@@ -330,6 +334,7 @@ class _Call:
         self.ops = list(ops)
         self.preserve = preserve_function
         self.record = _RECORD.get() or _Record()
+        self.skip = _SKIP.get()
         self.pending: dict[int, tuple[str, jax.Array]] = {}  # Widen op -> (producer name, new units)
         self.heads_inputs: dict[tuple[int, str], dict[str, Any]] = {}  # (AddHeads op, attention path) -> inputs
         self.names = self._names()
@@ -356,6 +361,8 @@ class _Call:
         call = next_fun
         # Nested so that the first operation is the outermost: it sees the module's original input.
         for index, op in reversed(list(enumerate(self.ops))):
+            if index in self.skip:
+                continue
             role = self._role(op, path, parent, module)
             if role:
                 self.record.match(index, role, path)
@@ -374,8 +381,9 @@ class _Call:
             if re.fullmatch(op.module, path):
                 return 'attention'
             if parent and re.fullmatch(op.module, parent):
-                return {op.query: 'head_input', op.key: 'head_input', op.value: 'head_input',
-                        op.out: 'head_output'}.get(module.name)
+                if module.name == op.out:
+                    return 'head_output'
+                return 'head_input' if module.name in op.projections else None
         elif re.fullmatch(op.module, path):
             return {InsertAfter: 'insert_after', Deepen: 'deepen', LoRA: 'lora'}[type(op)]
         return None
@@ -447,27 +455,37 @@ class _Call:
         if getattr(module, 'decode', False):
             raise SurgeryError(f'{describe(op)}: {path} decodes with a cache (decode=True); add heads to the '
                                'model used for training, not to its decoding copy.')
-        state = {'module': module, 'mask': kwargs.get('mask'), 'kwargs': kwargs}
+        library = isinstance(module, nn.MultiHeadDotProductAttention)
+        state = {'module': module, 'mask': _call_argument(module, 'mask', args, kwargs), 'kwargs': kwargs}
+        state['causal'] = resolve_causal(op, path, library, state['mask'])
         self.heads_inputs[(index, path)] = state
         return call(*args, **kwargs)
 
     def _head_input(self, index: int, op: AddHeads, module: nn.Module, call, *args, **kwargs):
         state = self.heads_inputs.get((index, '/'.join(module.path[:-1])))
         if state is not None:
-            role = {op.query: 'query', op.key: 'key', op.value: 'value'}[module.name]
-            state[role] = (module, args[0])
+            role = op.projections[module.name]
+            if role == 'qkv':  # one fused projection: the new heads' query, key and value all read its input
+                state.update(query=(module, args[0]), key=(module, args[0]), value=(module, args[0]), fused=True)
+            else:
+                state[role] = (module, args[0])
         return call(*args, **kwargs)
 
     def _head_output(self, index: int, op: AddHeads, module: nn.Module, call, *args, **kwargs):
         attention_path = '/'.join(module.path[:-1])
         state = self.heads_inputs.pop((index, attention_path), None)
         if state is None or not all(role in state for role in ('query', 'key', 'value')):
-            raise SurgeryError(f'{describe(op)}: {attention_path} must call its {op.query!r}, {op.key!r} and '
-                               f'{op.value!r} projections before {op.out!r}; found {sorted(state or {})}.')
+            called = sorted(k for k in (state or {}) if k in ('query', 'key', 'value'))
+            raise SurgeryError(f'{describe(op)}: {attention_path} must call its '
+                               f'{" and ".join(repr(name) for name in op.projections)} projection'
+                               f'{"s" if len(op.projections) > 1 else ""} before {op.out!r}; found {called}.')
         attention = state['module']
         query_module, query_in = state['query']
         old = args[0]
-        head_dim, old_heads, flat = _heads_layout(op, attention, query_module, module, old)
+        if state.get('fused'):
+            head_dim, old_heads, flat = _fused_heads_layout(op, attention, query_module, old)
+        else:
+            head_dim, old_heads, flat = _heads_layout(op, attention, query_module, module, old)
         suffix = self.names[index]
         mask = state['mask']
         deterministic = state['kwargs'].get('deterministic')
@@ -476,7 +494,7 @@ class _Call:
         if deterministic is None:
             deterministic = True
         new = _ExtraHeads(
-            heads=op.heads, head_dim=head_dim, causal=op.causal,
+            heads=op.heads, head_dim=head_dim, causal=state['causal'],
             dropout_rate=float(getattr(attention, 'dropout_rate', 0.0)),
             normalize_qk=bool(getattr(attention, 'normalize_qk', False)),
             use_bias=getattr(query_module, 'use_bias', True), kernel_init=query_module.kernel_init,
@@ -516,7 +534,7 @@ class _Call:
             raise SurgeryError(f'{describe(op)}: block() returned a {type(block).__name__}, not a linen Module.')
         try:
             bound = block.clone(parent=module.parent, name=name)
-        except (nn.errors.AssignSubModuleError, nn.errors.FlaxError) as err:
+        except (flax_errors.AssignSubModuleError, flax_errors.FlaxError) as err:
             raise SurgeryError(f'{describe(op)}: cannot add a block next to {path}: {err}') from None
         new_path = (*module.parent.path, name)
         start = len(self.record.seen)
@@ -529,13 +547,13 @@ class _Call:
         inside = [p for p in self.record.seen[start:] if p.startswith(path_str(new_path) + '/')]
         if op.zero is not None:
             prefix = len(path_str(new_path)) + 1
-            self.record.zero |= {tuple(p.split('/')) for p in inside if re.fullmatch(op.zero, p[prefix:])}
+            self.record.zero.update({tuple(p.split('/')): index for p in inside if re.fullmatch(op.zero, p[prefix:])})
         elif op.residual:
             kernel_modules = [p for p in inside if _has_kernel(bound, p[len(path_str(new_path)) + 1:])]
             if not kernel_modules:
                 raise SurgeryError(f'{describe(op)}: the new block has no layer with a kernel to start at zero; pass '
                                    'zero=REGEX or residual=False.')
-            self.record.zero.add(tuple(kernel_modules[-1].split('/')))
+            self.record.zero[tuple(kernel_modules[-1].split('/'))] = index
         return y + out if op.residual else out
 
     def _deepen(self, index: int, op: Deepen, module: nn.Module, call, *args, **kwargs):
@@ -640,6 +658,38 @@ def _heads_layout(op: AddHeads, attention: nn.Module, query: nn.Module, out: nn.
                        'ones with head_dim given.')
 
 
+def _fused_heads_layout(op: AddHeads, attention: nn.Module, fused: nn.Module, old: jax.Array) -> tuple[int, int, bool]:
+    """(head_dim, old heads, flat) of an attention whose one Dense `op.qkv` computes [q | k | v]."""
+    where = '/'.join(attention.path)
+    if not _last_axis_dense(fused):
+        raise SurgeryError(f'{describe(op)}: {where}/{op.qkv} is a {_kind(fused)}; a fused projection must be a Dense '
+                           '(or DenseGeneral over the last axis) of 3 x heads x head_dim features.')
+    features = _out_features(fused)
+    width = features // 3
+    head_dim = op.head_dim
+    if head_dim is None:
+        heads = getattr(attention, 'num_heads', None) or getattr(attention, 'n_head', None)
+        head_dim = width // heads if isinstance(heads, int) and heads > 0 and width % heads == 0 else None
+    if features % 3 or not head_dim or width % head_dim:
+        raise SurgeryError(f'{describe(op)}: {where}/{op.qkv} has {features} features; AddHeads(qkv=...) needs 3 x '
+                           'heads x head_dim (pass head_dim=, or give the attention a num_heads field).')
+    if old.shape[-1] != width:
+        raise SurgeryError(f'{describe(op)}: {where}/{op.out} reads {old.shape[-1]} features, not the {width} = '
+                           f'{features} / 3 of one of the q, k, v blocks of {op.qkv}: an unknown fused layout.')
+    return head_dim, width // head_dim, True
+
+
+def _call_argument(module: nn.Module, name: str, args: tuple, kwargs: Mapping):
+    """The value of `module.__call__`'s argument `name` in this call (positional or keyword), or None."""
+    if name in kwargs:
+        return kwargs[name]
+    try:
+        bound = inspect.signature(type(module).__call__).bind_partial(module, *args, **kwargs)
+    except TypeError:
+        return None
+    return bound.arguments.get(name)
+
+
 class _ExtraHeads(nn.Module):
     """The new heads: their own query/key/value projections and attention over the same inputs."""
     heads: int
@@ -688,18 +738,29 @@ def _sample(paths: Sequence[str], limit: int = 12) -> str:
 
 class Grown(nn.Module):
     """`model` grown by `ops`; build it with `grow(model, ops)`. Its parameters are the model's, at
-    the same paths, plus the operations' new ones."""
+    the same paths, plus the operations' new ones. `rounds`: how many of `ops` each earlier growth
+    round added (grow() on a grown model appends a round), so grafting can insist on the variables
+    trained after them. Implements growjax.grow.GrownModel."""
     model: nn.Module
     ops: tuple[Operation, ...]
     preserve_function: bool = False
+    rounds: tuple[int, ...] = ()
 
     def setup(self):
         nn.share_scope(self, self.model)  # the model's parameters keep their paths: no extra level
 
     def __call__(self, *args, **kwargs):
         call = _Call(self.ops, self.preserve_function)
-        with nn.intercept_methods(call.intercept):
-            out = self.model(*args, **kwargs)
+        try:
+            with nn.intercept_methods(call.intercept):
+                out = self.model(*args, **kwargs)
+        except flax_errors.ScopeParamNotFoundError as err:
+            if self.preserve_function or not re.search(r'"scale_\d+"', str(err)):
+                raise
+            raise SurgeryError(f'{err.args[0].split(" (https")[0]}: these variables have no NormScale, so they were '
+                               'grown with preserve_function=True; apply them with the model that grew them: '
+                               'surgery.grow(model, ops, preserve_function=True) (or '
+                               'grown_model.clone(preserve_function=True)).') from None
         call.finish()
         return out
 
@@ -747,6 +808,108 @@ class Grown(nn.Module):
                     sources[path] = (collection, *old, *rest[len(new):])
         return sources
 
+    def earlier_rounds(self, *args, **kwargs) -> dict[Path, int]:
+        """{leaf path: round} of the leaves earlier growth rounds added (round 1 is the first growth):
+        a pretrained tree for this model must hold them (shapes only)."""
+        added, seen, end = {}, None, 0
+        for round_, size in enumerate(self.rounds, start=1):
+            end += size
+            earlier = self.clone(ops=self.ops[:end], rounds=(), preserve_function=False)
+            paths = set(flatten(jax.eval_shape(lambda m=earlier: nn.Module.init(m, jax.random.key(0), *args,
+                                                                                 **kwargs))))
+            if seen is None:
+                seen = set(flatten(jax.eval_shape(lambda: self.model.init(jax.random.key(0), *args, **kwargs))))
+            added.update({path: round_ for path in paths - seen})
+            seen |= paths
+        return added
+
+    def check_growth(self, variables: Mapping, *args, **kwargs) -> None:
+        """Checks on the sample input what the operations claim, with these variables:
+
+        - the function: operations that keep it (InsertAfter, LoRA; every one under
+          preserve_function) must leave the output as without them, to float32 tolerance
+          (`function_tolerance`); else a SurgeryError naming the first that breaks it alone;
+        - the gradient: a layer an InsertAfter starts at zero must get one (a zeroed layer under
+          ReLU at 0 never would: a dead block); else a SurgeryError naming it.
+        grow_params runs it whenever its inputs are concrete (not under an outer jit)."""
+        claims = [i for i, op in enumerate(self.ops) if self.preserve_function or isinstance(op, (InsertAfter, LoRA))]
+        if not claims:
+            return
+        with jax.default_matmul_precision('highest'):
+            reference = self._output(variables, claims, args, kwargs)
+            difference = _max_difference(self._output(variables, (), args, kwargs), reference)
+            if difference > function_tolerance(reference):
+                for index in claims:
+                    alone = _max_difference(self._output(variables, set(claims) - {index}, args, kwargs), reference)
+                    if alone > function_tolerance(reference):
+                        raise SurgeryError(_breaks_function(self.ops[index], alone, self.preserve_function))
+                raise SurgeryError(f'The operations {", ".join(describe(self.ops[i]) for i in claims)} keep the '
+                                   f'function one by one but not together (max |difference| {difference:.3g}).')
+            zeroed = self.trace(*args, **kwargs).zero
+            if zeroed:
+                _check_alive(self, variables, zeroed, args, kwargs)
+
+    def _output(self, variables: Mapping, skip, args, kwargs):
+        """The output with the operations `skip` left out (their parameters unused)."""
+        token = _SKIP.set(frozenset(skip))
+        try:
+            out, _ = self.apply(variables, *args, mutable=True, rngs={'dropout': jax.random.key(0)}, **kwargs)
+        finally:
+            _SKIP.reset(token)
+        return out
+
+
+def function_tolerance(reference) -> float:
+    """How far a function-preserving growth may move the output: float32 rounding, relative to the
+    output's scale (1e-5 x max(1, max |output|)); 1e-2 x that for half-precision outputs."""
+    leaves = [jnp.asarray(leaf) for leaf in jax.tree_util.tree_leaves(reference)]
+    scale = max([1.0] + [float(jnp.max(jnp.abs(leaf.astype(jnp.float32)))) for leaf in leaves if leaf.size])
+    half = any(leaf.dtype in (jnp.bfloat16, jnp.float16) for leaf in leaves)
+    return (1e-2 if half else 1e-5) * scale
+
+
+def _max_difference(a, b) -> float:
+    pairs = zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b))
+    return max([0.0] + [float(jnp.max(jnp.abs(jnp.asarray(x, jnp.float32) - jnp.asarray(y, jnp.float32))))
+                        for x, y in pairs if jnp.size(x)])
+
+
+def _breaks_function(op: Operation, difference: float, preserving: bool) -> str:
+    if isinstance(op, InsertAfter) and op.residual:
+        return (f'{describe(op)}: the inserted block does not start as the identity (the output moves by '
+                f'{difference:.3g} on the sample input): with residual=True the model computes y + block(y), so '
+                'block(y) must start at zero; a block that adds its input itself (a pre-LN transformer block) needs '
+                "residual=False and zero='<the layers that end its residual branches>'.")
+    if isinstance(op, InsertAfter):
+        return (f'{describe(op)}: the inserted block does not start as the identity (the output moves by '
+                f'{difference:.3g} on the sample input): with residual=False, zero= must name the layers that end each '
+                'of its residual branches, so that the block returns its input at first.')
+    claim = 'with preserve_function=True' if preserving else 'as it claims'
+    return (f'{describe(op)} does not keep the function {claim}: the output moves by {difference:.3g} on the sample '
+            'input.')
+
+
+def _check_alive(model: Grown, variables: Mapping, zeroed: Mapping[Path, int], args, kwargs) -> None:
+    """A SurgeryError for a layer started at zero that gets no gradient on the sample input."""
+    def loss(params, cotangent):
+        out = model._output({**variables, 'params': params}, (), args, kwargs)
+        return sum(jnp.vdot(leaf.astype(jnp.float32), c) for leaf, c in
+                   zip(jax.tree_util.tree_leaves(out), jax.tree_util.tree_leaves(cotangent)))
+
+    shapes = jax.eval_shape(lambda: model._output(variables, (), args, kwargs))
+    keys = jax.random.split(jax.random.key(0), len(jax.tree_util.tree_leaves(shapes)))
+    cotangent = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(shapes), [
+        jax.random.normal(key, leaf.shape) for key, leaf in zip(keys, jax.tree_util.tree_leaves(shapes))])
+    grads = flatten(jax.grad(loss)(variables['params'], cotangent))
+    for module, index in zeroed.items():
+        leaves = [g for path, g in grads.items() if path[:-1] == module]
+        if leaves and not any(bool(jnp.any(g != 0)) for g in leaves):
+            raise SurgeryError(
+                f'{describe(model.ops[index])}: {path_str(module)} starts at zero but gets no gradient on the sample '
+                'input: its output passes through a flat part of an activation (e.g. ReLU at 0), so it would stay zero '
+                'and the block dead through training. Start at zero a layer whose output reaches the sum directly '
+                '(zero=...), or use an activation with a gradient at 0.')
+
 
 def _zeroed(variables: Mapping, modules: set[Path]) -> dict:
     """`variables` with the parameters of `modules` (module paths) at zero."""
@@ -786,9 +949,14 @@ def _suggest(pattern: str, seen: Sequence[str]) -> str:
     return f'Modules called: {_sample(unique)}.'
 
 
-def grow(model: nn.Module, ops: Sequence[Operation]) -> Grown:
+def grow(model: nn.Module, ops: Sequence[Operation], preserve_function: bool = False) -> Grown:
     """`model` (a linen Module, unmodified) grown by `ops`; growing a grown model again appends the
-    operations, so names of earlier rounds stay as they were (continual growth)."""
+    operations as a new round, so names of earlier rounds stay as they were (continual growth), and
+    grafting takes the variables trained after the earlier rounds.
+
+    preserve_function=True: every operation starts at zero (no NormScale, zero fan-in and new-head
+    outputs, identity blocks), so the grown model computes what `model` did; grow_params then
+    checks it on the sample input. It holds for all operations of the model, earlier rounds too."""
     if isinstance(ops, _OPERATIONS):
         ops = [ops]
     ops = tuple(ops)
@@ -797,14 +965,15 @@ def grow(model: nn.Module, ops: Sequence[Operation]) -> Grown:
             raise SurgeryError(f'surgery.grow: {op!r} is not an operation (Widen, AddHeads, InsertAfter, Deepen, '
                                'LoRA).')
     if isinstance(model, Grown):
-        return model.clone(ops=model.ops + ops)
+        return model.clone(ops=model.ops + ops, rounds=model.rounds + (len(model.ops) - sum(model.rounds),),
+                           preserve_function=preserve_function)
     if not isinstance(model, nn.Module):
         hint = ' For Flax NNX modules use growjax.nnx_surgery.grow.' if 'nnx' in type(model).__module__ else ''
         raise SurgeryError(f'surgery.grow: expected a flax.linen Module, got a {type(model).__name__}.{hint}')
     duplicates = [describe(op) for i, op in enumerate(ops) if isinstance(op, LoRA) and op in ops[:i]]
     if duplicates:
         raise SurgeryError(f'surgery.grow: {duplicates[0]} is given twice.')
-    return Grown(model=model, ops=ops)
+    return Grown(model=model, ops=ops, preserve_function=preserve_function)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -852,9 +1021,11 @@ def report(grown: Grown, pretrained_variables: Mapping, grown_variables: Mapping
            atol: float = 1e-5) -> Report:
     """The graft report of `grown_variables` (from grow_params) and, when a pretrained model to
     compare with is known (`pretrained_model`, else `grown.model` when the pretrained tree fits it),
-    a check on `sample_args` that the function-preserving variant of the same operations computes
-    what the pretrained model did: a SurgeryError when the outputs differ by more than `atol` (a
-    leaf grafted into the wrong place shows up here)."""
+    two comparisons with it on `sample_args`: the function-preserving variant of the same
+    operations must compute what the pretrained model did (a SurgeryError when the outputs differ
+    by more than `atol`: a leaf grafted into the wrong place shows up here), and the model as grown
+    is measured too, with the operations that change the function by design named."""
+    _require_linen(grown, 'report')
     patterns = compile_patterns(reinit)
     pretrained_flat = flatten(pretrained_variables)
     modules: dict[str, dict[str, list[str]]] = {}
@@ -871,14 +1042,28 @@ def report(grown: Grown, pretrained_variables: Mapping, grown_variables: Mapping
     reference = pretrained_model
     if reference is None:
         try:
-            graft_plan(pretrained_variables, jax.eval_shape(lambda: grown.model.init(jax.random.key(0), *sample_args)))
+            graft_plan(pretrained_variables, jax.eval_shape(lambda: grown.model.init(jax.random.key(0), *sample_args)),
+                       patterns)
             reference = grown.model
         except GraftError:
             return result  # another head (a new task): pass pretrained_model= to check the function
     preserving = grow(reference, grown.ops).clone(preserve_function=True)
     variables = grow_params(pretrained_variables, preserving, jax.random.key(0) if rng is None else rng, *sample_args)
     difference = check_function(reference, pretrained_variables, preserving, variables, *sample_args, atol=atol)
-    return dataclasses.replace(result, max_abs_difference=difference)
+    expected = reference.apply(pretrained_variables, *sample_args)
+    shapes = jax.eval_shape(lambda: grown.init(jax.random.key(0), *sample_args))
+    if not grown.preserve_function and set(flatten(shapes)) - set(pretrained_flat) - set(flatten(grown_variables)):
+        grown = grown.clone(preserve_function=True)  # variables from grow_params(..., preserve_function=True)
+    changes = () if grown.preserve_function else tuple(
+        describe(op) for op in grown.ops if isinstance(op, (Widen, AddHeads, Deepen)))
+    return dataclasses.replace(result, max_abs_difference=difference, changes_function=changes,
+                               grown_difference=_max_difference(grown.apply(grown_variables, *sample_args), expected))
+
+
+def _require_linen(model, what: str) -> None:
+    if not isinstance(model, nn.Module):
+        hint = f' For Flax NNX models use growjax.nnx_surgery.{what}.' if 'nnx' in type(model).__module__ else ''
+        raise SurgeryError(f'surgery.{what}: expected flax.linen Modules, got a {type(model).__name__}.{hint}')
 
 
 def check_function(pretrained_model: nn.Module, pretrained_variables: Mapping, grown_model: nn.Module,
@@ -888,9 +1073,11 @@ def check_function(pretrained_model: nn.Module, pretrained_variables: Mapping, g
     Give it a grown model whose new parts preserve the function: grafting is strict about paths and
     shapes, but two square kernels swapped by a renamed layer graft without complaint. This is the
     check that catches them."""
+    _require_linen(pretrained_model, 'check_function')
+    _require_linen(grown_model, 'check_function')
     expected = pretrained_model.apply(pretrained_variables, *sample_args)
     actual = grown_model.apply(grown_variables, *sample_args)
-    difference = float(jnp.max(jnp.abs(jnp.asarray(actual, jnp.float32) - jnp.asarray(expected, jnp.float32))))
+    difference = _max_difference(actual, expected)
     if not difference <= atol:
         raise SurgeryError(f'The grown model differs from the pretrained model by {difference:.3g} (> atol={atol}) with '
                            'its new parts set to preserve the function: a pretrained leaf is not where the model reads '

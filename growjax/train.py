@@ -17,7 +17,7 @@ import optax
 
 from growjax import checkpoint, config_lib, data, groups, methods, models, pretrained, steps, surgery
 from growjax.errors import UserError
-from growjax.grow import grow_params
+from growjax.grow import GrownModel, grow_params
 from growjax.outputs import MetricsWriter, ProgressBar, plot_curves
 
 log = logging.getLogger('growjax')
@@ -223,6 +223,8 @@ def init_state(config, model, pretrained, mesh, image_shape):
             lambda p, key: grow_params(p, model, key, sample, reinit=tuple(config.init.reinit),
                                        preserve_function=config.init.preserve_function),
             out_shardings=replicated)(pretrained, init_rng)
+        if isinstance(model, GrownModel):  # what grow_params checks when it is not under jit, as here
+            model.check_growth(variables, sample)
     try:
         param_groups = groups.param_groups(model, None if pretrained is None else pretrained['params'],
                                            config.train.regime, sample, reinit=tuple(config.init.reinit))
