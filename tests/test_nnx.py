@@ -362,8 +362,8 @@ def test_growing_twice_keeps_the_first_rounds_names_and_values():
     first = nnx_surgery.grow(model, surgery.Widen('blocks/0/fc1', units=4, into='blocks/0/fc2'), rngs=nnx.Rngs(1))
     after_first = flat_state(first)
     second = nnx_surgery.grow(first, [surgery.Widen('blocks/0/fc1', units=3, into='blocks/0/fc2'),
-                                      surgery.LoRA('head', rank=2)], rngs=nnx.Rngs(2), preserve_function=True,
-                        sample=(X['mlp'],))
+                                      surgery.LoRA('head', rank=2)],
+                              rngs=nnx.Rngs(2), preserve_function=True, sample=(X['mlp'],))
     assert_pretrained_variables_kept(after_first, second)
     assert joined(set(flat_state(second)) - set(after_first)) == {
         'blocks/0/fc1/plus2/kernel', 'blocks/0/fc1/plus2/bias', 'blocks/0/fc2/from_fc1_plus2/kernel',

@@ -24,12 +24,16 @@ def linear(i, o, rngs):
     return nnx.Linear(i, o, kernel_init=INIT, rngs=rngs)
 
 
-def attend(q, k, v, heads, causal):
-    """Softmax attention over (B, H, T, hd) heads, causal with a mask built here (nanoGPT's way)."""
+def attend(q, k, v, mask=None):
+    """Softmax attention over (B, H, T, hd) heads; `mask`: True where a query may see a key."""
     att = q @ k.transpose(0, 1, 3, 2) / math.sqrt(q.shape[-1])
-    if causal:
-        att = jnp.where(jnp.tril(jnp.ones((q.shape[2], q.shape[2]), bool)), att, -jnp.inf)
+    if mask is not None:
+        att = jnp.where(mask.astype(bool), att, -jnp.inf)
     return jax.nn.softmax(att, axis=-1) @ v
+
+
+def causal(t):  # the mask nanoGPT builds inside its attention
+    return jnp.tril(jnp.ones((t, t), bool))
 
 
 def split_heads(t, heads):
@@ -52,7 +56,7 @@ class SeparateAttention(nnx.Module):
 
     def __call__(self, x):
         q, k, v = (split_heads(t, self.n_head) for t in (self.q(x), self.k(x), self.v(x)))
-        return self.c_proj(merge_heads(attend(q, k, v, self.n_head, causal=True)))
+        return self.c_proj(merge_heads(attend(q, k, v, causal(x.shape[1]))))
 
 
 class FusedAttention(nnx.Module):
@@ -65,7 +69,7 @@ class FusedAttention(nnx.Module):
 
     def __call__(self, x):
         q, k, v = (split_heads(t, self.n_head) for t in jnp.split(self.c_attn(x), 3, axis=-1))
-        return self.c_proj(merge_heads(attend(q, k, v, self.n_head, causal=True)))
+        return self.c_proj(merge_heads(attend(q, k, v, causal(x.shape[1]))))
 
 
 class TimmAttention(nnx.Module):
@@ -79,7 +83,7 @@ class TimmAttention(nnx.Module):
     def __call__(self, x):
         b, n, c = x.shape
         qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, c // self.num_heads).transpose(2, 0, 3, 1, 4)
-        return self.proj(merge_heads(attend(qkv[0], qkv[1], qkv[2], self.num_heads, causal=False)))
+        return self.proj(merge_heads(attend(qkv[0], qkv[1], qkv[2])))
 
 
 class Mlp(nnx.Module):
@@ -185,6 +189,31 @@ def test_heads_added_to_an_attention_that_masks_inside_must_be_told_whether_it_i
     assert not np.allclose(causal(TOKENS), gpt(SeparateAttention)(TOKENS), atol=1e-3)
 
 
+class MaskedAttention(SeparateAttention):
+    """A user's attention given its mask as an argument (positionally, here)."""
+
+    def __call__(self, x, mask):
+        q, k, v = (split_heads(t, self.n_head) for t in (self.q(x), self.k(x), self.v(x)))
+        return self.c_proj(merge_heads(attend(q, k, v, mask)))
+
+
+class MaskedLM(nnx.Module):
+    def __init__(self, *, rngs):
+        self.wte = nnx.Embed(VOCAB, WIDTH, rngs=rngs)
+        self.attn = MaskedAttention(WIDTH, HEADS, rngs=rngs)
+
+    def __call__(self, tokens):
+        h = self.wte(tokens)
+        return h + self.attn(h, nnx.make_causal_mask(tokens))
+
+
+def test_heads_added_to_an_attention_given_a_mask_share_it():
+    grown = nnx_surgery.grow(MaskedLM(rngs=nnx.Rngs(0)), surgery.AddHeads(
+        'attn', heads=2, query='q', key='k', value='v', out='c_proj'), rngs=nnx.Rngs(1), sample=(TOKENS,))
+    assert not later_tokens_leak(grown)
+    assert not np.allclose(grown(TOKENS), MaskedLM(rngs=nnx.Rngs(0))(TOKENS), atol=1e-3)
+
+
 class CausalCall(nnx.Module):
     """nnx.MultiHeadAttention called with is_causal=True and no mask."""
 
@@ -243,7 +272,7 @@ class NoHeadCount(FusedAttention):
 
     def __call__(self, x):
         q, k, v = (split_heads(t, self.heads_here) for t in jnp.split(self.c_attn(x), 3, axis=-1))
-        return self.c_proj(merge_heads(attend(q, k, v, self.heads_here, causal=True)))
+        return self.c_proj(merge_heads(attend(q, k, v, causal(x.shape[1]))))
 
 
 def test_a_fused_projection_growjax_cannot_split_into_heads_is_refused():
@@ -306,7 +335,7 @@ def test_a_preserving_operation_that_does_not_preserve_is_named():
         nnx_surgery.grow(model, ops, rngs=nnx.Rngs(1), preserve_function=True, sample=(FEATURES,))
     one_line(info)
     ops[-1] = surgery.Deepen('head', units=WIDTH, activation=None)
-    grown = nnx_surgery.grow(model, ops, rngs=nnx.Rngs(1), preserve_function=True, sample=(FEATURES,))
+    grown = nnx_surgery.grow(model, ops, rngs=nnx.Rngs(1), preserve_function=True, sample=FEATURES)  # one argument
     np.testing.assert_allclose(grown(FEATURES), model(FEATURES), atol=1e-5)
 
 
