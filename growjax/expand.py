@@ -25,7 +25,6 @@ jax.jit(..., out_shardings=...), where the function check (which needs values) i
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import re
 import zlib
@@ -227,13 +226,43 @@ def _leaf_axes(path: Path, small_shape, big_shape, read: Sequence[int], blocks: 
                               'so every grown size must be a multiple of the small one.')
         fused = blocks if i not in read else 1
         if s % fused:
-            raise ExpandError(f'{where}: axis {i} of size {s} is declared fused of {fused} blocks, which do not divide it.')
+            raise ExpandError(f'{where}: axis {i} of size {s} is declared fused of {fused} blocks, which do not '
+                              'divide it.')
         axes.append(Axis(b // s, i in read, fused))
     return tuple(axes)
 
 
-def expansion_plan(small_model: nn.Module, big_model: nn.Module, *sample_inputs, zero: str | Iterable[str] | None = None,
-                   fused: Mapping[str, int] | None = None, depth: str = 'zero', stack: str = 'cycle') -> Plan:
+def _refuse_tied(path: Path, module: _Module | None, small_shape, big_shape) -> None:
+    """An nn.Embed both called and attended (tied input/output embeddings) whose width grows."""
+    if module and module.kind == 'Embed' and len(module.methods) > 1 and big_shape[1] != small_shape[1]:
+        raise ExpandError(f'{path_str(path)}: nn.Embed {path_str(path[1:-1])!r} is both the input embedding and the '
+                          f'output projection (attend: tied embeddings); its feature axis grows {small_shape[1]} -> '
+                          f'{big_shape[1]}, which cannot be tiled (input) and split (output) at once: untie them (an '
+                          'output Dense) or keep the width.')
+
+
+def _refuse_head_dim_change(small_modules: Mapping[Path, _Module | None], big_modules: Mapping[Path, _Module | None]):
+    for path, module in big_modules.items():
+        small = small_modules.get(path)
+        if module and small and module.head_dim and small.head_dim and module.head_dim != small.head_dim:
+            raise ExpandError(f'{path_str(path)}: head_dim changes from {small.head_dim} to {module.head_dim}, which '
+                              'changes attention\'s 1/sqrt(head_dim) and q.k: grow the number of heads instead.')
+
+
+def _zeroed_modules(small: set[Path], big: set[Path], patterns: Sequence[re.Pattern], zero) -> set[Path]:
+    """The modules `zero` names among those only the big model has (kept modules are never zeroed)."""
+    new = big - small
+    zeroed = {path for path in new if _matches(path, patterns)}
+    if patterns and new and not zeroed:
+        roots = sorted({path_str(p) for p in new if p[:-1] not in new})
+        raise ExpandError(f'zero={zero!r} matches no module the big model adds (new: {roots}); it names '
+                          'modules by full path, e.g. \'h_(2|3)/(attn|mlp)/c_proj\'.')
+    return zeroed
+
+
+def expansion_plan(small_model: nn.Module, big_model: nn.Module, *sample_inputs,
+                   zero: str | Iterable[str] | None = None, fused: Mapping[str, int] | None = None,
+                   depth: str = 'zero', stack: str = 'cycle') -> Plan:
     """How each leaf of big_model's variables comes from small_model's (static: shapes and module
     types only). The options are expand's; see there."""
     _refuse_nnx(small_model, big_model)
@@ -243,11 +272,7 @@ def expansion_plan(small_model: nn.Module, big_model: nn.Module, *sample_inputs,
     rng = jax.random.key(0)
     small_shapes, small_modules = _trace(small_model, rng, sample_inputs)
     big_shapes, big_modules = _trace(big_model, rng, sample_inputs)
-    for path, module in big_modules.items():
-        small = small_modules.get(path)
-        if module and small and module.head_dim and small.head_dim and module.head_dim != small.head_dim:
-            raise ExpandError(f'{path_str(path)}: head_dim changes from {small.head_dim} to {module.head_dim}, which '
-                              'changes attention\'s 1/sqrt(head_dim) and q.k: grow the number of heads instead.')
+    _refuse_head_dim_change(small_modules, big_modules)
     fused = dict(fused or {})
     fused_patterns = {pattern: blocks for pattern, blocks in zip(_compile(list(fused), 'fused'), fused.values())}
     zero_patterns = _compile(zero, 'zero')
@@ -255,12 +280,7 @@ def expansion_plan(small_model: nn.Module, big_model: nn.Module, *sample_inputs,
         if not any(pattern.fullmatch(path_str(path)) for path in big_modules):
             raise ExpandError(f'fused={{{pattern.pattern!r}: ...}} matches no module of the big model '
                               f'(modules: {sorted(path_str(p) for p in big_modules if p)[:12]} ...).')
-    new_modules = {path for path in big_modules if path not in small_modules}
-    zeroed = {path for path in new_modules if _matches(path, zero_patterns)}
-    if zero_patterns and new_modules and not zeroed:
-        roots = sorted({path_str(p) for p in new_modules if p[:-1] not in new_modules})
-        raise ExpandError(f'zero={zero!r} matches no module the big model adds (new: {roots}); it names '
-                          'modules by full path, e.g. \'h_(2|3)/(attn|mlp)/c_proj\'.')
+    zeroed = _zeroed_modules(set(small_modules), set(big_modules), zero_patterns, zero)
     groups = _layer_groups(set(small_modules), set(big_modules)) if depth == 'stack' else {}
     if stack == 'repeat':
         for (parent, prefix), (n, m) in groups.items():
@@ -280,11 +300,7 @@ def expansion_plan(small_model: nn.Module, big_model: nn.Module, *sample_inputs,
             continue
         module = big_modules.get(module_path)
         read = module.read if module and name == module.kernel else ()
-        if module and module.kind == 'Embed' and len(module.methods) > 1 and big.shape[1] != small_shapes[source].shape[1]:
-            raise ExpandError(f'{path_str(path)}: nn.Embed {path_str(module_path)!r} is both the input embedding and the '
-                              f'output projection (attend: tied embeddings); its feature axis grows '
-                              f'{small_shapes[source].shape[1]} -> {big.shape[1]}, which cannot be tiled (input) and '
-                              'split (output) at once: untie them (an output Dense) or keep the width.')
+        _refuse_tied(path, module, small_shapes[source].shape, big.shape)
         blocks = next((b for p, b in fused_patterns.items() if p.fullmatch(path_str(module_path))), 1)
         axes = _leaf_axes(path, small_shapes[source].shape, big.shape, read, blocks)
         if module is None and any(axes):
@@ -362,7 +378,8 @@ def expand(small_variables: Mapping, small_model: nn.Module, big_model: nn.Modul
         output differs, unless the logits agree within tolerance x max(1, max |small logits|).
         None: where preservation is claimed (depth='zero', or `zero` given) and values are concrete
         (under jit it cannot run: call check_function on the result).
-    plan: a precomputed expansion_plan (e.g. to grow the optimiser state with the same mapping).
+    plan: a precomputed expansion_plan (to grow the optimiser state with the same mapping); it was
+        built with its own zero / fused / depth / stack, so those arguments are then not used.
 
     Pure: small_variables are not modified; rng draws the new leaves and the noise. Runs under
     jax.jit(..., out_shardings=...): the sample inputs are used for their shapes only.
@@ -430,8 +447,8 @@ def _calls(model, variables, sample_inputs) -> list[tuple[Path, Any, Any]]:
         return out
 
     with nn.intercept_methods(interceptor):
-        out = model.apply(variables, *sample_inputs)
-    return calls, out
+        model.apply(variables, *sample_inputs)
+    return calls
 
 
 def _first_difference(small_calls, big_calls, fused: Mapping[Path, int], tolerance: float) -> str | None:
@@ -482,8 +499,8 @@ def check_function(small_variables: Mapping, small_model: nn.Module, big_variabl
     gap = float(jnp.max(jnp.abs(big_out - small_out))) if big_out.shape == small_out.shape else math.inf
     if gap <= tolerance * max(1.0, float(jnp.max(jnp.abs(small_out)))):
         return gap
-    small_calls, _ = _calls(small_model, small_variables, sample_inputs)
-    big_calls, _ = _calls(big_model, big_variables, sample_inputs)
+    small_calls = _calls(small_model, small_variables, sample_inputs)
+    big_calls = _calls(big_model, big_variables, sample_inputs)
     why = _first_difference(small_calls, big_calls, dict(fused), tolerance)
     guesses = f' Leaves of modules expand does not know, tiled as outputs: {list(guessed)[:8]}.' if guessed else ''
     raise NotPreservedError(f'expand: the big model does not compute the small one\'s function on the sample input '
