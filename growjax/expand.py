@@ -262,7 +262,8 @@ def _zeroed_modules(small: set[Path], big: set[Path], patterns: Sequence[re.Patt
 
 def expansion_plan(small_model: nn.Module, big_model: nn.Module, *sample_inputs,
                    zero: str | Iterable[str] | None = None, fused: Mapping[str, int] | None = None,
-                   depth: str = 'zero', stack: str = 'cycle') -> Plan:
+                   reads: Mapping[str, Sequence[int]] | None = None, depth: str = 'zero',
+                   stack: str = 'cycle') -> Plan:
     """How each leaf of big_model's variables comes from small_model's (static: shapes and module
     types only). The options are expand's; see there."""
     _refuse_nnx(small_model, big_model)
@@ -276,6 +277,8 @@ def expansion_plan(small_model: nn.Module, big_model: nn.Module, *sample_inputs,
     fused = dict(fused or {})
     fused_patterns = {pattern: blocks for pattern, blocks in zip(_compile(list(fused), 'fused'), fused.values())}
     zero_patterns = _compile(zero, 'zero')
+    reads = dict(reads or {})
+    read_patterns = dict(zip(_compile(list(reads), 'reads'), (tuple(axes) for axes in reads.values())))
     for pattern in fused_patterns:
         if not any(pattern.fullmatch(path_str(path)) for path in big_modules):
             raise ExpandError(f'fused={{{pattern.pattern!r}: ...}} matches no module of the big model '
@@ -299,11 +302,12 @@ def expansion_plan(small_model: nn.Module, big_model: nn.Module, *sample_inputs,
             leaves[path] = LeafPlan(None)
             continue
         module = big_modules.get(module_path)
-        read = module.read if module and name == module.kernel else ()
+        declared = [axes for p, axes in read_patterns.items() if p.fullmatch(path_str(path[1:]))]
+        read = declared[0] if declared else module.read if module and name == module.kernel else ()
         _refuse_tied(path, module, small_shapes[source].shape, big.shape)
         blocks = next((b for p, b in fused_patterns.items() if p.fullmatch(path_str(module_path))), 1)
         axes = _leaf_axes(path, small_shapes[source].shape, big.shape, read, blocks)
-        if module is None and any(axes):
+        if module is None and not declared and any(axes):
             guessed.append(path_str(path))
         leaves[path] = LeafPlan(source, axes)
     unused = sorted(path_str(p) for p in small_shapes.keys() - {leaf.source for leaf in leaves.values()})
@@ -359,8 +363,8 @@ def _is_traced(tree) -> bool:
 
 
 def expand(small_variables: Mapping, small_model: nn.Module, big_model: nn.Module, *sample_inputs, rng: jax.Array,
-           zero: str | Iterable[str] | None = None, fused: Mapping[str, int] | None = None, depth: str = 'zero',
-           stack: str = 'cycle', noise: float = 0.1, check: bool | None = None, tolerance: float = 1e-4,
+           zero: str | Iterable[str] | None = None, fused: Mapping[str, int] | None = None,
+           reads: Mapping[str, Sequence[int]] | None = None, depth: str = 'zero', stack: str = 'cycle', noise: float = 0.1, check: bool | None = None, tolerance: float = 1e-4,
            plan: Plan | None = None) -> dict:
     """big_model's variables grown from small_variables (a trained small_model of the same class).
 
@@ -370,6 +374,8 @@ def expand(small_variables: Mapping, small_model: nn.Module, big_model: nn.Modul
     fused: {module regex: n}: that module's output axis is n equal blocks (a fused qkv Dense: 3), each
         grown on its own, heads contiguous inside a block. Undeclared, [q k v] would be tiled as
         [q k v q k v]; the function check catches it.
+    reads: {leaf regex ('block/proj/w'): axes}: the axes a parameter of a module expand does not know
+        contracts with its input (split, not tiled). Known: nn.Dense, DenseGeneral, Conv, Embed(.attend).
     depth: 'zero' (new layers: the big model's init, `zero` modules at zero) or 'stack' (new numbered
         layers copy small ones, G_stack; stack='cycle' gives [0 1 0 1], 'repeat' [0 0 1 1]).
     noise: the std of the symmetry-breaking split, relative to each split leaf's rms / its factor;
@@ -384,8 +390,8 @@ def expand(small_variables: Mapping, small_model: nn.Module, big_model: nn.Modul
     Pure: small_variables are not modified; rng draws the new leaves and the noise. Runs under
     jax.jit(..., out_shardings=...): the sample inputs are used for their shapes only.
     """
-    plan = plan or expansion_plan(small_model, big_model, *sample_inputs, zero=zero, fused=fused, depth=depth,
-                                  stack=stack)
+    plan = plan or expansion_plan(small_model, big_model, *sample_inputs, zero=zero, fused=fused, reads=reads,
+                                  depth=depth, stack=stack)
     small_flat = flatten(small_variables)
     wrong = [f'{path_str(p)}: {tuple(jnp.shape(small_flat[p])) if p in small_flat else "missing"}, small_model has '
              f'{plan.small_shapes[p].shape}' for p in plan.small_shapes
@@ -485,7 +491,8 @@ def _first_difference(small_calls, big_calls, fused: Mapping[Path, int], toleran
                     f'{path_str(path[:-1]) or "the model"}: {siblings}. Its input is not laid out as expand assumed: '
                     'a projection that fuses several outputs in one axis (qkv in one Dense) needs '
                     'fused={\'<its path regex>\': 3}; a head_dim that changed cannot be grown (grow the number of '
-                    'heads); a parameter of a custom module that reads a grown axis is tiled as an output.')
+                    'heads); a parameter of a module expand does not know that reads a grown axis needs '
+                    'reads={\'<its leaf path regex>\': (axis, ...)}.')
     return None
 
 

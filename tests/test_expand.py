@@ -321,6 +321,26 @@ def test_tied_embeddings_are_refused_where_the_width_grows():
     assert _logit_gap(small_vars, small, big_vars, big, _tokens()) < 1e-5
 
 
+class Projected(nn.Module):
+    """A user's layer expand does not know: `x @ w` with a bare parameter."""
+    width: int
+
+    @nn.compact
+    def __call__(self, tokens):
+        x = nn.Embed(VOCAB, self.width, name='embed')(tokens)
+        x = x @ self.param('w', nn.initializers.lecun_normal(), (self.width, self.width))
+        return nn.Dense(VOCAB, name='out')(nn.relu(x))
+
+
+def test_unknown_layout_is_caught_and_can_be_declared():
+    small, big = Projected(16), Projected(32)
+    small_vars = _random_variables(small, _tokens())
+    message = _error(lambda: expand(small_vars, small, big, _tokens(), rng=_key()), NotPreservedError)
+    assert "['params/w']" in message and 'reads=' in message, message  # the guessed leaf and the option
+    big_vars = expand(small_vars, small, big, _tokens(), rng=_key(), reads={'w': (0,)})
+    assert _logit_gap(small_vars, small, big_vars, big, _tokens()) < 1e-5
+
+
 def test_nnx_models_and_unmatched_zero_are_refused():
     linear = nnx.Linear(2, 3, rngs=nnx.Rngs(0))
     assert 'linen-only' in _error(lambda: expansion_plan(linear, linear, np.zeros((1, 2), np.float32)))
