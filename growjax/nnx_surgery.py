@@ -1006,8 +1006,8 @@ def _check_reinit(patterns, pretrained: set[tuple]) -> None:
         if not any(pattern.search(path) for path in paths):
             close = difflib.get_close_matches(pattern.pattern.strip('^$'), paths, n=6, cutoff=0.4)
             hint = f'Did you mean one of: {", ".join(close)}?' if close else f'Its parameters: {_sample(paths)}.'
-            raise SurgeryError(f'reinit: {pattern.pattern!r} matches no parameter of the model (regexes are searched '
-                               f"in paths such as {paths[0]!r}). {hint}")
+            raise SurgeryError(f"reinit: {pattern.pattern!r} matches no parameter of the model (regexes are searched "
+                               f"in '/'-joined paths such as 'fc1/kernel'). {hint}")
 
 
 def _reinit(root: nnx.Module, patterns, pretrained: set[tuple], rngs: nnx.Rngs, done: set[str]) -> None:
@@ -1142,9 +1142,9 @@ def grow(module: nnx.Module, ops: Operation | Sequence[Operation], *, rngs: nnx.
 # What was grafted
 
 
-def _variables(model: nnx.Module) -> dict[str, Any]:
-    """{'a/b/leaf': value} of the model's Variables, RNG state left out (counters, not weights)."""
-    return {'/'.join(str(part) for part in path): variable.get_value()
+def _variable_paths(model: nnx.Module) -> set[str]:
+    """'a/b/leaf' paths of the model's Variables, RNG state left out (counters, not weights)."""
+    return {'/'.join(str(part) for part in path)
             for path, variable in nnx.to_flat_state(nnx.state(model)) if not isinstance(variable, nnx.RngState)}
 
 
@@ -1165,9 +1165,9 @@ def report(pretrained_model: nnx.Module, grown_model: nnx.Module, *sample_args, 
     if ops is None:
         raise SurgeryError('nnx_surgery.report: grown_model was not grown by nnx_surgery.grow.')
     patterns = compile_patterns(reinit)
-    pretrained_paths = set(_variables(pretrained_model))
+    pretrained_paths = _variable_paths(pretrained_model)
     modules: dict[str, dict[str, list[str]]] = {}
-    for path in sorted(_variables(grown_model)):
+    for path in sorted(_variable_paths(grown_model)):
         module, leaf = path.rsplit('/', 1) if '/' in path else ('', path)
         if path not in pretrained_paths:
             kind = 'new'
