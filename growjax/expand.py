@@ -364,8 +364,8 @@ def _is_traced(tree) -> bool:
 
 def expand(small_variables: Mapping, small_model: nn.Module, big_model: nn.Module, *sample_inputs, rng: jax.Array,
            zero: str | Iterable[str] | None = None, fused: Mapping[str, int] | None = None,
-           reads: Mapping[str, Sequence[int]] | None = None, depth: str = 'zero', stack: str = 'cycle', noise: float = 0.1, check: bool | None = None, tolerance: float = 1e-4,
-           plan: Plan | None = None) -> dict:
+           reads: Mapping[str, Sequence[int]] | None = None, depth: str = 'zero', stack: str = 'cycle',
+           noise: float = 0.1, check: bool | None = None, tolerance: float = 1e-4, plan: Plan | None = None) -> dict:
     """big_model's variables grown from small_variables (a trained small_model of the same class).
 
     zero: regexes fully matching module paths of big_model ('h_2/attn/c_proj'); the modules it names
@@ -385,7 +385,7 @@ def expand(small_variables: Mapping, small_model: nn.Module, big_model: nn.Modul
         None: where preservation is claimed (depth='zero', or `zero` given) and values are concrete
         (under jit it cannot run: call check_function on the result).
     plan: a precomputed expansion_plan (to grow the optimiser state with the same mapping); it was
-        built with its own zero / fused / depth / stack, so those arguments are then not used.
+        built with its own zero / fused / reads / depth / stack, so those arguments are then not used.
 
     Pure: small_variables are not modified; rng draws the new leaves and the noise. Runs under
     jax.jit(..., out_shardings=...): the sample inputs are used for their shapes only.
