@@ -757,8 +757,10 @@ class Grown(nn.Module):
         except flax_errors.ScopeParamNotFoundError as err:
             if self.preserve_function or not re.search(r'"scale_\d+"', str(err)):
                 raise
-            raise SurgeryError(f'{err.args[0].split(" (https")[0]}: these variables have no NormScale, so they were '
-                               'grown with preserve_function=True; apply them with the model that grew them: '
+            found = re.search(r'named "(\w+)" in scope "/?([^"]*)"', str(err))
+            where = f'{found.group(2)}/{found.group(1)}' if found else 'a NormScale scale'
+            raise SurgeryError(f'These variables lack {where}: they were grown with preserve_function=True (no '
+                               'NormScale); apply them with the model that grew them: '
                                'surgery.grow(model, ops, preserve_function=True) (or '
                                'grown_model.clone(preserve_function=True)).') from None
         call.finish()
@@ -930,6 +932,14 @@ def check_matches(ops: Sequence[Operation], record: _Record) -> None:
         else:
             required = [(None, op.module)]
         for role, pattern in required:
+            if role == 'head_output' and (index, 'attention') in record.matched and (index, role) not in record.matched:
+                attentions = sorted(record.matched[(index, 'attention')])
+                children = sorted({p[len(a) + 1:].split('/')[0] for a in attentions for p in record.seen
+                                   if p.startswith(a + '/')})
+                raise SurgeryError(f'{describe(op)}: {attentions[0]} calls no {op.out!r} (its output projection); its '
+                                   f'children: {", ".join(children) or "none"}. Name its projections with out= and '
+                                   'query=/key=/value=, or qkv= for one fused projection (nanoGPT\'s c_attn, timm\'s '
+                                   'qkv).')
             if not any(i == index and role in (None, r) for i, r in record.matched):
                 raise SurgeryError(f'{describe(op)}: {pattern!r} matches no module that was called. '
                                    f'{_suggest(pattern, record.seen)}')
