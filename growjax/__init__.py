@@ -13,7 +13,7 @@ from growjax.models.growth import Growth
 from growjax.nn import MultiInputConv, MultiInputDense, NormScale
 
 __all__ = [
-    'GraftError', 'Growth', 'MultiInputConv', 'MultiInputDense', 'NormScale', 'ParamGroups', 'forward_order', 'graft',
-    'grow_opt_state', 'grow_params', 'growth_optimizer', 'methods', 'models', 'new_paths', 'param_groups',
+    'GraftError', 'Growth', 'MultiInputConv', 'MultiInputDense', 'NormScale', 'ParamGroups', 'expand',
+    'expand_opt_state', 'forward_order', 'graft', 'grow_opt_state', 'grow_params', 'growth_optimizer', 'methods', 'models', 'new_paths', 'param_groups',
     'param_labels', 'pretrained', 'regime_names', 'scale_by_group', 'surgery', 'trainable_mask',
 ]
