@@ -743,6 +743,11 @@ def _run_attention(module, role: _Role, call, *args, **kwargs):
         raise SurgeryError(f'{describe(role.op)}: {role.path} decodes with a cache (decode=True); add heads to the '
                            'model used for training, not to its decoding copy.')
     given = _arguments(module, args, kwargs)
+    other = next((name for name, value in given.items() if 'mask' in name and name != 'mask' and value is not None),
+                 None)
+    if other is not None:  # e.g. timm's attn_mask: the new heads would not see it
+        raise SurgeryError(f'{describe(role.op)}: {role.path} is called with {other}=, a mask the new heads would not '
+                           "apply (they take the argument named 'mask'); pass it as mask= or grow another attention.")
     _scope().heads[(role.index, role.op, role.path)] = {
         'attention': module, 'mask': given.get('mask'), 'deterministic': given.get('deterministic'),
         'rngs': given.get('rngs'), 'is_causal': bool(given.get('is_causal', False))}

@@ -214,6 +214,32 @@ def test_heads_added_to_an_attention_given_a_mask_share_it():
     assert not np.allclose(grown(TOKENS), MaskedLM(rngs=nnx.Rngs(0))(TOKENS), atol=1e-3)
 
 
+class TimmMaskedAttention(TimmAttention):
+    """timm's signature: the mask is `attn_mask`."""
+
+    def __call__(self, x, attn_mask=None):
+        b, n, c = x.shape
+        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, c // self.num_heads).transpose(2, 0, 3, 1, 4)
+        return self.proj(merge_heads(attend(qkv[0], qkv[1], qkv[2], attn_mask)))
+
+
+class Padded(nnx.Module):
+    def __init__(self, *, rngs):
+        self.attn = TimmMaskedAttention(WIDTH, HEADS, rngs=rngs)
+
+    def __call__(self, x):
+        keep = jnp.arange(x.shape[1]) < 3  # padding after the third position
+        return self.attn(x, attn_mask=keep[None, None, None, :])
+
+
+def test_a_mask_the_new_heads_would_not_apply_is_an_error():
+    op = surgery.AddHeads('attn', heads=1, qkv='qkv', out='proj', causal=False)
+    with pytest.raises(surgery.SurgeryError, match=r'attn is called with attn_mask=, a mask the new heads would not '
+                                                   r'apply') as info:
+        nnx_surgery.grow(Padded(rngs=nnx.Rngs(0)), op, rngs=nnx.Rngs(1), sample=(jnp.ones((2, T, WIDTH)),))
+    one_line(info)
+
+
 class CausalCall(nnx.Module):
     """nnx.MultiHeadAttention called with is_causal=True and no mask."""
 
