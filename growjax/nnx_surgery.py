@@ -70,9 +70,9 @@ module as it was; `in_place=True` grows the module itself (no second copy of the
 in a later operation can leave it partly grown).
 
 Not supported: Widen of modules other than nnx.Linear / nnx.Conv (no feature groups), `through`
-modules other than nnx.BatchNorm, AddHeads on a decoding (decode=True) attention, LoRA on
-nnx.Einsum or a LinearGeneral with batch axes. Each is a one-line SurgeryError naming the path and
-type.
+modules other than nnx.BatchNorm, AddHeads on a decoding (decode=True) attention or one given a
+mask under another name than `mask` (timm's attn_mask), LoRA on nnx.Einsum or a LinearGeneral with
+batch axes. Each is a one-line SurgeryError naming the path and type.
 
 Training (see README, "Flax NNX"): `nnx.state(grown, nnx.Param)` and `nnx.to_pure_dict` give the
 trees growjax.param_labels, growth_optimizer and grow_opt_state read (they accept an nnx.State and
