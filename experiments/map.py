@@ -1,9 +1,9 @@
 """When does growing help? The gain of growth over fine-tuning, mapped (issue 14).
 
-    python -m growjax.experiments.map --workdir=workdirs/map                          # every axis (hours)
-    python -m growjax.experiments.map --workdir=workdirs/map --axes=size --only=growjax_greek --max_minutes=60
-    python -m growjax.experiments.map --workdir=workdirs/map --report_only            # the report from what is stored
-    python -m growjax.experiments.map --workdir=/tmp/map_quick --quick                # smoke run, a few minutes
+    python -m experiments.map --workdir=workdirs/map                          # every axis (hours)
+    python -m experiments.map --workdir=workdirs/map --axes=size --only=growjax_greek --max_minutes=60
+    python -m experiments.map --workdir=workdirs/map --report_only            # the report from what is stored
+    python -m experiments.map --workdir=/tmp/map_quick --quick                # smoke run, a few minutes
 
 The paper's setting (hundreds of target classes, tens of examples each, a target far from the
 source, fc layers 4,096 wide) is not the built-in data's, so instead of one point this command
@@ -31,9 +31,9 @@ every seed of every method also runs at fine-tuning's rate. Test accuracy, paire
 
 Runs are stored under WORKDIR/runs (one JSON per (cell, method), a fingerprint of everything a
 run depends on, runs kept by (seed, learning rate)); an interrupted invocation resumes where it
-stopped, and `--max_minutes` ends one after the group it is on. The report (docs/results.md, its
-'map' section, and docs/figures/map_*.png; with --quick: WORKDIR/docs) is written from whatever
-is stored, so it can be committed chunk by chunk.
+stopped, and `--max_minutes` ends one after the group it is on. The report (the repository's docs/results.md,
+its 'map' section, and docs/figures/map_*.png; with --quick WORKDIR/docs; or --docs=DIR) is written
+from whatever is stored, so it can be committed chunk by chunk.
 """
 from __future__ import annotations
 
@@ -53,11 +53,13 @@ import numpy as np
 
 from growjax import config_lib, data, models, train
 from growjax.errors import UserError
-from growjax.experiments import paper, protocol, runner
-from growjax.experiments.protocol import Variant
 from growjax.grow import flatten, grow_params, unflatten
 from growjax.models.growth import Growth
 from growjax.nn import scales_from_data
+
+import experiments
+from experiments import paper, protocol, runner
+from experiments.protocol import Variant
 
 AXES = ('size', 'capacity', 'lr', 'convergence', 'forgetting', 'continual', 'gamma')
 
@@ -328,7 +330,7 @@ class Map:
         return self.stopped
 
     def protocol_settings(self, **overrides) -> protocol.Settings:
-        """The selection protocol's settings (seeds, sweep seeds, rates), as growjax.experiments.protocol takes them."""
+        """The selection protocol's settings (seeds, sweep seeds, rates), as experiments.protocol takes them."""
         s = self.settings
         settings = protocol.Settings(tasks=(), methods=(), regimes=(), seeds=s.seeds, sweep_seeds=s.sweep_seeds,
                                      learning_rates=s.learning_rates, steps=0, batch_size=s.batch_size, eval_every=0,
@@ -848,7 +850,7 @@ def check_recorded(config: ml_collections.ConfigDict) -> None:
     sections = [key.split('.') for key in UNRECORDED]
     changed = [f'{section}.{name}' for section, name in sections if config[section][name] != default[section][name]]
     if changed:
-        raise UserError(f'growjax.experiments.map: --config.{", --config.".join(changed)} cannot be changed: the map '
+        raise UserError(f'experiments.map: --config.{", --config.".join(changed)} cannot be changed: the map '
                         'grows by its own methods (--methods) and trains with the paper\'s SGD, and its stored runs do '
                         'not record these keys.')
 
@@ -870,7 +872,7 @@ def invocations(workdir: str) -> list[dict]:
 def main(argv: Sequence[str]) -> int:
     from absl import flags
     from absl import logging as absl_logging
-    from growjax.experiments import map_report
+    from experiments import map_report
     absl_logging.set_verbosity(absl_logging.WARNING)
     del argv
     f = flags.FLAGS
@@ -907,7 +909,7 @@ def main(argv: Sequence[str]) -> int:
         print(f'error: --seeds={settings.seeds} is below the {settings.sweep_seeds} seeds that select the learning '
               'rate.', file=sys.stderr)
         return 2
-    typed = ' '.join(['python -m growjax.experiments.map', *sys.argv[1:]]).strip()
+    typed = ' '.join(['python -m experiments.map', *sys.argv[1:]]).strip()
     started = time.perf_counter()
     m = Map(f.config, settings, f.workdir, max_seconds=None if f.max_minutes is None else 60 * f.max_minutes)
     if not f.report_only:
@@ -916,7 +918,7 @@ def main(argv: Sequence[str]) -> int:
                                       'computed': m.computed, 'minutes': (time.perf_counter() - started) / 60,
                                       'compute_minutes': m.compute_seconds / 60, 'stopped': m.stopped,
                                       'date': time.strftime('%Y-%m-%d %H:%M')})
-    docs_dir = f.docs or (os.path.join(f.workdir, 'docs') if f.quick else 'docs')
+    docs_dir = f.docs or (os.path.join(f.workdir, 'docs') if f.quick else experiments.DOCS)
     results = collect(m)
     path = map_report.write(m, results, docs_dir, command=typed, invocations=invocations(f.workdir))
     print(f'{path} written ({m.computed} groups computed{", stopped at --max_minutes" if m.stopped else ""}) in '
@@ -929,7 +931,8 @@ def define_flags() -> None:
     from ml_collections import config_flags
     flags.DEFINE_string('workdir', 'workdirs/map', 'Where runs (runs/), models (models/) and the log of invocations are kept.')
     flags.DEFINE_bool('quick', False, 'Smoke run: one target, two sizes, two seeds and rates, tiny training, every axis.')
-    flags.DEFINE_string('docs', None, 'Folder for results.md and figures/ (default docs/, with --quick WORKDIR/docs).')
+    flags.DEFINE_string('docs', None, 'Folder for results.md and figures/ (default: the repository\'s docs/; with '
+                      '--quick WORKDIR/docs).')
     flags.DEFINE_list('axes', None, f'Axes to compute (default: all): some of {list(AXES)}; the report shows every '
                       'axis that is stored.')
     flags.DEFINE_list('only', None, 'Compute only these: target datasets, shots=N, width=N, method=NAME (or within '

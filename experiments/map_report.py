@@ -1,8 +1,8 @@
 """The 'map' section of docs/results.md and its figures (docs/figures/map_*.png), from stored runs only.
 
-Every number is read from the groups growjax.experiments.map stored; differences are paired over
-seeds (the same examples, batches and crops for every method at a seed), with 95% t-intervals and
-a two-sided paired t-test at 5% ('*').
+Every number is read from the groups experiments.map stored; differences are paired over seeds
+(the same examples, batches and crops for every method at a seed), with 95% t-intervals and a
+two-sided paired t-test at 5% ('*').
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from typing import Sequence
 
 import numpy as np
 
-from growjax.experiments import report
+from experiments import report
 
 FIGURES = report.FIGURE_DIR
 TASK_NAMES = {'growjax_greek': 'Greek letters (near)', 'growjax_digits': 'Handwritten digits (far)',
@@ -816,7 +816,7 @@ def section(m, results: dict, docs_dir: str, *, command: str, invocations: list[
     verdicts, facts = region_verdicts(size)
     capacity_cells = capacity_verdicts(m, results.get('capacity', {}))
     workdir = m.workdir
-    reproduce = lambda axis: f'`python -m growjax.experiments.map --workdir={workdir} --axes={axis}`'
+    reproduce = lambda axis: f'`python -m experiments.map --workdir={workdir} --axes={axis}`'
     figure = lambda name, caption: ([f'![{name}]({FIGURES}/{name}.png)', '', caption, ''] if made.get(name) else [])
     lr_cell = f'{task_name(s.lr_cell[0])}, {size_name(s.lr_cell[1])} per class'
     lines = [

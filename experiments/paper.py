@@ -1,7 +1,7 @@
 """Reproduce "Growing a Brain"'s comparisons and analyses on the built-in offline data.
 
-    python -m growjax.experiments.paper --workdir=workdirs/paper            # ~15-25 min on 2 CPU cores
-    python -m growjax.experiments.paper --workdir=/tmp/paper_quick --quick  # smoke run, < 3 min
+    python -m experiments.paper --workdir=workdirs/paper            # ~15-25 min on 2 CPU cores
+    python -m experiments.paper --workdir=/tmp/paper_quick --quick  # smoke run, < 3 min
 
 Every method (scratch, fine-tuning, WA without / with normalisation, DA, DWA, WWA, and LoRA at a
 parameter-matched and a small rank) under the regimes new / fc7_new / all, on few-shot Greek
@@ -9,7 +9,7 @@ letters and digits, over paired seeds (the same few-shot draws and batches for e
 (method, regime, task) gets the same learning-rate sweep, chosen on the validation split of the
 sweep seeds; test accuracy is reported at the chosen rate over all seeds. Finished groups are kept
 under WORKDIR/runs and reused on a rerun; the report (tables, claims, figures) goes to
-docs/results.md (with --quick: WORKDIR/docs). `--config.<key>` overrides the growjax settings every
+the repository's docs/results.md (with --quick WORKDIR/docs; or --docs=DIR). `--config.<key>` overrides the growjax settings every
 run starts from (growjax/config_lib.py), e.g. `--config.init.cache_dir=DIR`.
 """
 from __future__ import annotations
@@ -25,8 +25,10 @@ import ml_collections
 import numpy as np
 
 from growjax import config_lib, methods, train
-from growjax.experiments import report, runner
-from growjax.experiments.protocol import Settings, Variant, chosen_runs, run_protocol
+
+import experiments
+from experiments import report, runner
+from experiments.protocol import Settings, Variant, chosen_runs, run_protocol
 
 REGIMES = ('new', 'fc7_new', 'all')
 # The paper's methods (growjax.methods names), in its tables' order, and LoRA (run at two ranks).
@@ -218,7 +220,7 @@ class Command:
     write_report: Callable  # (experiment, settings, base, docs_dir, *, command, seconds) -> path
 
 
-PAPER = Command('growjax.experiments.paper', FULL, QUICK, REGIMES, report.write_report)
+PAPER = Command('experiments.paper', FULL, QUICK, REGIMES, report.write_report)
 
 
 def main(argv: Sequence[str], command: Command = PAPER) -> int:
@@ -245,7 +247,7 @@ def main(argv: Sequence[str], command: Command = PAPER) -> int:
         print(f'error: methods must be among {list(methods.METHODS)}, regimes among {list(command.regimes)}, '
               'and sweep_seeds <= seeds.', file=sys.stderr)
         return 2
-    docs_dir = flags_.docs or (os.path.join(flags_.workdir, 'docs') if flags_.quick else 'docs')
+    docs_dir = flags_.docs or (os.path.join(flags_.workdir, 'docs') if flags_.quick else experiments.DOCS)
     started = time.perf_counter()
     experiment = run_experiment(flags_.config, settings, flags_.workdir)
     del argv  # absl strips the flags from it; the report shows the command as typed
@@ -263,7 +265,8 @@ def define_flags(command: Command = PAPER, config: ml_collections.ConfigDict | N
     default_workdir = 'workdirs/' + command.module.rsplit('.', 1)[-1]
     flags.DEFINE_string('workdir', default_workdir, 'Where finished groups (runs/) are kept and reused.')
     flags.DEFINE_bool('quick', False, 'Smoke run: fewer tasks, seeds, learning rates, steps and regimes.')
-    flags.DEFINE_string('docs', None, 'Folder for results.md and figures/ (default docs/, with --quick WORKDIR/docs).')
+    flags.DEFINE_string('docs', None, 'Folder for results.md and figures/ (default: the repository\'s docs/; with '
+                      '--quick WORKDIR/docs).')
     flags.DEFINE_string('tasks', None, "Override the tasks, 'dataset:shots,...'.")
     flags.DEFINE_list('methods', None, f'Override the methods: some of {list(methods.METHODS)}.')
     flags.DEFINE_list('regimes', None, f'Override the regimes: some of {list(command.regimes)}.')

@@ -1,7 +1,7 @@
 """The experiments' shared vocabulary: settings, method variants and the selection protocol.
 
-Both the experiments (growjax.experiments.paper) and their reports (growjax.experiments.report)
-read these; neither imports the other's internals.
+Both the experiments (experiments.paper) and their reports (experiments.report) read these;
+neither imports the other's internals.
 """
 from __future__ import annotations
 
@@ -84,7 +84,7 @@ def run_protocol(trainer, shots: int, settings: Settings, *, runs: Sequence[dict
     A vectorised trainer runs the full seeds x rates grid in one go (cheaper than two compiles);
     the selection still reads only the sweep seeds, so every method is chosen the same way.
 
-    Beyond that (the growth map, growjax.experiments.map): `runs` already done are reused, by (seed,
+    Beyond that (the growth map, experiments.map): `runs` already done are reused, by (seed,
     learning rate), and only the missing ones trained; `extra_rates` are rates every seed runs at
     besides the chosen one (a shared-rate protocol: another method's chosen rate); `run_kwargs` go
     to every `trainer.run` (e.g. num_steps); `saved(group)` is called after each batch of new runs,

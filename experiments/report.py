@@ -15,7 +15,8 @@ from typing import Callable, Sequence
 import numpy as np
 
 from growjax.analysis import group_label
-from growjax.experiments.protocol import Settings, chosen_runs
+
+from experiments.protocol import Settings, chosen_runs
 
 # AlexNet on SUN-397, regime 'all' (the paper's Tables 1 and 3), as docs/design.md quotes them.
 PAPER_SUN397_ALL = {'finetune': 55.93, 'da': 58.54, 'wa': 58.95, 'wwa': 59.05, 'wa_ori': 51.34}
@@ -551,11 +552,11 @@ def write_report(experiment: dict, settings: Settings, base, docs_dir: str, *, c
 
 
 # ---------------------------------------------------------------------------------------------
-# The ViT section of results.md (growjax.experiments.vit)
+# The ViT section of results.md (experiments.vit)
 
 def markers(name: str) -> tuple[str, str]:
     """The comments that delimit section `name` of results.md, written by its own command."""
-    return f'<!-- {name}:begin (written by python -m growjax.experiments.{name}) -->', f'<!-- {name}:end -->'
+    return f'<!-- {name}:begin (written by python -m experiments.{name}) -->', f'<!-- {name}:end -->'
 
 
 SECTIONS = ('vit', 'map')  # sections other commands write into results.md, in this order after the paper's

@@ -1,13 +1,13 @@
 """The paper's protocol on growjax's ViT, pretrained on the built-in Latin letters.
 
-    python -m growjax.experiments.vit --workdir=workdirs/vit             # ~30 min on 2 CPU cores
-    python -m growjax.experiments.vit --workdir=/tmp/vit_quick --quick   # smoke run
+    python -m experiments.vit --workdir=workdirs/vit             # ~30 min on 2 CPU cores
+    python -m experiments.vit --workdir=/tmp/vit_quick --quick   # smoke run
 
 Fine-tuning, WA (the top block's MLP widened) with and without NormScale, DA (a new block on top,
 the identity at first), more attention heads, and LoRA on every attention projection (at the rank
 that matches WA's added parameters), under the regimes new / top block and up /
-all, on few-shot Greek letters and digits, with the CNN experiment's protocol (growjax.experiments
-.paper: paired seeds, a learning-rate sweep per method chosen on validation, test reported). The
+all, on few-shot Greek letters and digits, with the CNN experiment's protocol (experiments.paper:
+paired seeds, a learning-rate sweep per method chosen on validation, test reported). The
 section it writes into docs/results.md (between its markers) is kept when the CNN experiment
 rewrites the rest of the file, and the other way round.
 """
@@ -17,8 +17,9 @@ import dataclasses
 import sys
 
 from growjax import config_lib
-from growjax.experiments import paper, report
-from growjax.experiments.protocol import Settings
+
+from experiments import paper, report
+from experiments.protocol import Settings
 
 _BASE = config_lib.vit_config()
 TOP_BLOCK = f'block{_BASE.model.vit.depth - 1}_new'
@@ -33,7 +34,7 @@ QUICK = dataclasses.replace(FULL, tasks=(('growjax_greek', 1),), methods=('finet
                             regimes=('new', 'all'), seeds=1, sweep_seeds=1, learning_rates=(0.01, 0.03), steps=20,
                             eval_every=10)
 
-VIT = paper.Command('growjax.experiments.vit', FULL, QUICK, REGIMES, report.write_vit_section)
+VIT = paper.Command('experiments.vit', FULL, QUICK, REGIMES, report.write_vit_section)
 
 
 if __name__ == '__main__':

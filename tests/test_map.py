@@ -1,4 +1,4 @@
-"""The growth map (growjax.experiments.map): its dataset, source widths, gamma from data, the runner's
+"""The growth map (experiments.map): its dataset, source widths, gamma from data, the runner's
 generalisations, the protocol's top-up, the statistics, and --quick end to end."""
 import dataclasses
 import os
@@ -13,8 +13,8 @@ from scipy import stats
 
 from growjax import Growth, config_lib, data, grow_params, models, train
 from growjax.data import builtin
-from growjax.experiments import map as growth_map
-from growjax.experiments import map_report, paper, protocol, runner
+from experiments import map as growth_map
+from experiments import map_report, paper, protocol, runner
 from growjax.nn import NormScale, scales_from_data
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -263,7 +263,7 @@ def test_quick_end_to_end_and_report_from_the_store(tiny, tmp_path):
     flags = [f'--config.{key}={value}' for key, value in (
         ('model.width', 0.25), ('init.cache_dir', config.init.cache_dir), ('init.pretrain_steps', 8),
         ('init.source_dataset', SOURCE), ('data.data_dir', config.data.data_dir), ('train.progress', False))]
-    command = [sys.executable, '-m', 'growjax.experiments.map', '--quick', f'--workdir={workdir}', f'--tasks={TARGET}',
+    command = [sys.executable, '-m', 'experiments.map', '--quick', f'--workdir={workdir}', f'--tasks={TARGET}',
                *flags]
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -303,7 +303,7 @@ def test_settings_the_runs_do_not_record_are_refused():
 def test_bad_sizes_and_too_few_seeds_are_one_line_errors():
     for flag, expected in (('--sizes=1,x', '--sizes must be examples per class'),
                            ('--seeds=1', '--seeds=1 is below the 2 seeds that select the learning rate')):
-        result = subprocess.run([sys.executable, '-m', 'growjax.experiments.map', flag, '--report_only'], cwd=REPO,
+        result = subprocess.run([sys.executable, '-m', 'experiments.map', flag, '--report_only'], cwd=REPO,
                                 capture_output=True, text=True, timeout=300)
         assert result.returncode == 2 and expected in result.stderr, result.stderr[-2000:]
         assert 'Traceback' not in result.stderr

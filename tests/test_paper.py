@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 
 from growjax import data
-from growjax.experiments import paper, protocol, report, runner
+
+import experiments
+from experiments import paper, protocol, report, runner
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SOURCE = 'growjax_latin/16px_max10'
@@ -107,7 +109,7 @@ def test_quick_mode_end_to_end(data_dir, tmp_path):
     flags = [f'--config.{key}={value}' for key, value in (
         ('model.width', 0.25), ('init.cache_dir', tmp_path / 'cache'), ('init.pretrain_steps', 8),
         ('init.source_dataset', SOURCE), ('data.data_dir', data_dir), ('train.progress', False))]
-    result = subprocess.run([sys.executable, '-m', 'growjax.experiments.paper', '--quick', f'--workdir={workdir}',
+    result = subprocess.run([sys.executable, '-m', 'experiments.paper', '--quick', f'--workdir={workdir}',
                              f'--tasks={TARGET}:1', *flags], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert ' 17/17]' in result.stdout  # every group of the smoke run done
@@ -119,6 +121,15 @@ def test_quick_mode_end_to_end(data_dir, tmp_path):
     for name in ('cooperation', 'learning_curves', 'scales', 'parameter_change'):
         size = os.path.getsize(os.path.join(workdir, 'docs', 'figures', f'{name}.png'))
         assert 1000 < size < 200_000, (name, size)
+
+
+def test_reports_go_to_the_checkouts_docs_and_find_their_sections_there():
+    """The default report folder comes from the package's location, not the current folder, and the
+    committed results.md holds the markers the commands splice at (else a rerun would append a copy)."""
+    assert experiments.DOCS == os.path.join(REPO, 'docs')
+    with open(os.path.join(experiments.DOCS, 'results.md')) as f:
+        text = f.read()
+    assert all(report.markers(name)[0] in text for name in report.SECTIONS)
 
 
 def test_sections_of_other_commands_survive_a_rewrite_of_results_md(tmp_path):

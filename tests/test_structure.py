@@ -69,3 +69,94 @@ def test_growjax_has_no_import_cycles():
 
 def test_the_training_job_does_not_know_the_analyses():
     assert not any(m.startswith('growjax.analysis') for m in import_graph()['growjax.train'])
+
+
+def test_experiments_are_not_in_the_installed_package():
+    """Experiments use the library and live at the top level (`python -m experiments.paper`):
+    pyproject.toml's package find installs growjax's packages and nothing of experiments/ or bench/."""
+    import tomllib
+    import setuptools
+    with open(os.path.join(REPO, 'pyproject.toml'), 'rb') as f:
+        find = tomllib.load(f)['tool']['setuptools']['packages']['find']
+    installed = setuptools.find_packages(REPO, include=find['include'], exclude=find.get('exclude', ()))
+    assert 'growjax' in installed and 'growjax.analysis' in installed
+    assert all(p == 'growjax' or p.startswith('growjax.') for p in installed), installed
+    assert not any('experiments' in p.split('.') for p in installed), installed
+    assert os.path.isfile(os.path.join(REPO, 'experiments', 'paper.py'))
+
+
+def path_literals(tree: ast.AST) -> list[str]:
+    """String constants of a module that are a path into docs/ or name results.md (docstrings and
+    other bare string statements are prose, not paths, and are left out)."""
+    prose = {id(node.value) for node in ast.walk(tree) if isinstance(node, ast.Expr)}
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in prose:
+            value = node.value.strip().removeprefix('./')
+            if value == 'docs' or value.startswith(('docs/', 'docs' + os.sep)) or value.endswith('results.md'):
+                found.append(value)
+    return found
+
+
+def test_path_literals_finds_a_docs_path():
+    tree = ast.parse('"""Writes docs/results.md."""\nimport os\nos.path.join("docs", "results.md")\n'
+                     'open("./docs/figures/a.png", "w")\nprint("see docs/design.md")\n')
+    assert path_literals(tree) == ['docs', 'results.md', 'docs/figures/a.png']
+
+
+def test_no_library_module_writes_into_docs():
+    """The library writes only where it is told (a workdir, a cache); reports into the repository's
+    docs/ are the experiments' business."""
+    found = {}
+    for folder, _, files in os.walk(os.path.join(REPO, 'growjax')):
+        for file in files:
+            if file.endswith('.py'):
+                path = os.path.join(folder, file)
+                with open(path) as f:
+                    literals = path_literals(ast.parse(f.read()))
+                if literals:
+                    found[os.path.relpath(path, REPO)] = literals
+    assert found == {}
+
+
+def family_names_in_conditions(path: str, names: set[str]) -> list[str]:
+    """'line: text' of every condition (if, while, assert, comparison, boolean, startswith/endswith)
+    in the module at `path` that mentions a model name, or a prefix of one, as a string; and of any
+    attribute named after one (config.model.vit)."""
+    with open(path) as f:
+        source = f.read()
+    tree = ast.parse(source)
+
+    def mentions(node) -> bool:
+        return any(isinstance(n, ast.Constant) and isinstance(n.value, str) and len(n.value) >= 3
+                   and any(name.startswith(n.value) for name in names) for n in ast.walk(node))
+
+    conditions = []
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.If, ast.IfExp, ast.While, ast.Assert)):
+            conditions.append(node.test)
+        elif isinstance(node, (ast.Compare, ast.BoolOp)) or isinstance(node, ast.comprehension):
+            conditions.append(node)
+        elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+              and node.func.attr in ('startswith', 'endswith', 'get')):
+            conditions.append(node)
+    found = [node for node in conditions if mentions(node)]
+    found += [node for node in ast.walk(tree) if isinstance(node, ast.Attribute) and node.attr in names]
+    return sorted({f'{node.lineno}: {ast.get_source_segment(source, node)}' for node in found})
+
+
+def test_the_condition_finder_finds_a_family_name(tmp_path):
+    path = tmp_path / 'module.py'
+    path.write_text("if config.model.name == 'vit':\n    pass\nx = name.startswith('resnet')\ny = config.model.vit\n"
+                    "z = {'vit': 1}\n")
+    assert len(family_names_in_conditions(str(path), {'vit', 'resnet50'})) == 3
+
+
+def test_the_trainer_and_config_validation_know_no_model_family_by_name():
+    """Model families are reached through growjax.families (issue 22): the trainer and config_lib
+    hold no branch on a model's name, so a new family is one module plus one registry line."""
+    from growjax import families
+    names = set(families.model_names())
+    assert {'small_cnn', 'vit', 'resnet50'} <= names
+    for module in ('train', 'config_lib'):
+        assert family_names_in_conditions(os.path.join(REPO, 'growjax', f'{module}.py'), names) == [], module
