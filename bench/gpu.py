@@ -9,7 +9,7 @@ Models (grown, regime all, SGD with momentum, new leaves at 10x, bfloat16 comput
 parameters): `resnet50` (stage4 + 128 channels), `vgg16` (WA: fc7 + 1024 units), `vit_b16_wa`
 (ViT-B/16 at 224 px, WA: the MLPs of the top 4 blocks + 768 units each, NormScale at fc2) and
 `vit_b16_da` (ViT-B/16, DA: 2 new encoder blocks on top). The ViTs are built as the main job builds
-them (config_lib.vit_config() with model.vit.variant 'B/16', growth.method, train.build_model).
+them (config_lib.family_config('vit') with model.vit.variant 'B/16', growth.method, train.build_model).
 
 MFU = XLA cost-analysis FLOPs per step / step time / peak. --peak_tflops 0 measures the peak with
 a bf16 matmul (4096^3, or 512^3 with --tiny / --width < 1); give the datasheet value on GPUs
@@ -56,7 +56,7 @@ def cnn_setup(name, args):
 def vit_setup(name, args):
     """(model, pretrained variables, reinit regex) of a grown ViT-B/16, built as train.py builds it."""
     method, blocks, units = VIT_CASES[name]
-    config = config_lib.vit_config()
+    config = config_lib.family_config('vit')
     config.model.vit.update(variant='B/16', width=0, depth=0, mlp_dim=0, num_heads=0)  # 0: the variant's sizes
     if args.tiny:
         config.model.vit.update(width=TINY_VIT['width'], depth=TINY_VIT['depth'], mlp_dim=TINY_VIT['mlp_dim'],

@@ -3,11 +3,11 @@
     python3 bench/vit_step.py [--reps 7] [--iters 3] [--cases builtin,S16_64] [--methods finetune,wa,da,heads,lora]
     python3 bench/vit_step.py --profile small96     # where a step's time goes (XLA:CPU trace, per layer kind)
 
-Models are built as the main job builds them (`config_lib.vit_config()`, model.vit.* and
+Models are built as the main job builds them (`config_lib.family_config('vit')`, model.vit.* and
 growth.* set, `train.build_model`), grown from the plain ViT's init with `grow_params`, with
 `groups.param_groups`, `steps.make_optimizer` (SGD, momentum 0.9, weight decay 5e-4, new leaves at
 10x) and `steps.make_train_step` under `steps.shard_train_step`. Cases (CASES): `builtin` is
-`config_lib.vit_config()`'s ViT (4 blocks, width 64, MLP 256, 2 heads, 4x4 patches on 16x16
+`config_lib.family_config('vit')`'s ViT (4 blocks, width 64, MLP 256, 2 heads, 4x4 patches on 16x16
 grayscale, batch 128; S = 128, 1 block grows, 2 heads added); `S16_64` is ViT-S/16 (12 blocks,
 width 384, MLP 1536, 6 heads) on 64x64 RGB, batch 16 (S = 768, 6 heads added); `small96` (6 blocks,
 width 96, 16x16 grayscale, batch 128) and `Ti16_224` (ViT-Ti/16 at 224 px, batch 4) are for
@@ -79,8 +79,8 @@ TARGET = 1.05  # grown time ratio / FLOP ratio
 
 
 def config_for(case: Case, method: str, dtype: str = 'float32'):
-    """The main job's config for this case: config_lib.vit_config() with model.vit.* and growth.* set."""
-    c = config_lib.vit_config()
+    """The main job's config for this case: config_lib.family_config('vit') with model.vit.* and growth.* set."""
+    c = config_lib.family_config('vit')
     c.model.vit.update(variant=case.variant, width=case.width, depth=case.depth, mlp_dim=case.mlp_dim,
                        num_heads=case.num_heads)
     c.model.dtype = dtype

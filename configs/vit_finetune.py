@@ -7,6 +7,6 @@ from growjax import config_lib
 
 
 def get_config(arg=None):
-    config = config_lib.vit_config()
+    config = config_lib.family_config('vit')
     config.growth.method = 'finetune'
     return config_lib.apply_preset(config, arg)

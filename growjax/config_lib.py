@@ -1,8 +1,9 @@
 """Shared config defaults and validation for `main.py` experiments (ml_collections).
 
 Every experiment file under configs/ starts from `base_config()` and changes a few keys; all keys
-are documented here, in one place, and `validate` turns bad values into one-line errors that name
-the key.
+are documented here, in one place (the keys a model family owns, such as model.vit.*, in its module
+under growjax/families/, whose `add_keys` adds them), and `validate` turns bad values into one-line
+errors that name the key. Nothing here knows a model family by name: growjax.families does.
 """
 from __future__ import annotations
 
@@ -10,22 +11,15 @@ import os
 
 import ml_collections
 
-from growjax import methods
-from growjax.errors import UserError
-from growjax.models.growth import Growth
-from growjax.models.resnet import PAPER_LAYERS as RESNET_LAYERS
+from growjax import families, methods
+from growjax.errors import ConfigError
+from growjax.families.base import Family
 from growjax.pretrained import IMAGENET_MEAN, IMAGENET_STD
 from growjax.steps import OPTIMIZERS
 
 DEFAULT_CACHE = os.path.join(os.path.expanduser('~'), '.cache', 'growjax')
 REQUIRED = 'required: '  # an init.pretrained value that asks the user for a path
-# What each family's classifier is called: the leaves a new task re-initialises.
-CLASSIFIER_REINIT = {'vit': ('^head/',)}
-DEFAULT_REINIT = ('^classifier/',)
-
-
-class ConfigError(UserError):
-    """A config value that cannot work; the message names the key."""
+DEFAULT_REINIT = Family.classifier  # the leaves a new task re-initialises (each family says its own)
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -36,17 +30,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict()
     c.model.name = 'small_cnn'        # growjax.models.get name
     c.model.width = 1.0               # multiplies every layer's size
-    c.model.fc_width = 0              # small_cnn: units of fc6 and fc7 (0: 256 x width), the source model's capacity
     c.model.dropout_rate = 0.0
     c.model.dtype = 'float32'         # compute dtype: 'float32' or 'bfloat16' (params stay float32)
-    c.model.vit = ml_collections.ConfigDict()  # model.name='vit' only (growjax.models.vit.ViT)
-    c.model.vit.variant = 'Ti/4'      # big_vision's 'NAME/PATCH': mu, Ti, S, B, L; patch in pixels
-    c.model.vit.width = 64            # 0: the variant's; else an explicit size (64 x 4 blocks: the built-in data)
-    c.model.vit.depth = 4             # 0: the variant's number of blocks
-    c.model.vit.mlp_dim = 256         # 0: the variant's
-    c.model.vit.num_heads = 2         # 0: the variant's
-    c.model.vit.pool_type = 'tok'     # 'tok' (class token) or 'gap' (mean of the tokens)
-    c.model.vit.representation_size = 0  # a tanh pre-logits layer of this width (0: none)
 
     c.growth = ml_collections.ConfigDict()
     c.growth.method = 'wa'            # a growjax.methods name; 'scratch' trains the plain model from random init
@@ -104,18 +89,22 @@ def base_config() -> ml_collections.ConfigDict:
     c.distributed.coordinator_address = ''       # e.g. '127.0.0.1:12345'
     c.distributed.num_processes = 0
     c.distributed.process_id = -1
+    for family in families.FAMILIES:  # the keys each family owns (model.fc_width, model.vit.*), documented there
+        family.add_keys(c)
+    return c
+
+
+def family_config(model_name: str) -> ml_collections.ConfigDict:
+    """The base config turned into the default experiment of model `model_name`'s family (e.g. for
+    'vit': a 4-block, 64-wide ViT pretrained on the Latin letters, growing S = 128 units)."""
+    c = base_config()
+    families.get(model_name).defaults(c)
     return c
 
 
 def vit_config() -> ml_collections.ConfigDict:
-    """The defaults for growjax's ViT on the built-in data: a 4-block, 64-wide ViT with 4x4 patches
-    (model.vit), pretrained on the Latin letters, growing S = 128 units (its MLP is 256 wide)."""
-    c = base_config()
-    c.model.name = 'vit'
-    c.init.reinit = CLASSIFIER_REINIT['vit']
-    c.init.pretrain_steps = 2000
-    c.growth.units = 128
-    return c
+    """family_config('vit'), under the name growjax.experiments.vit still calls."""
+    return family_config('vit')
 
 
 def pretrain_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -123,9 +112,8 @@ def pretrain_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
     from scratch on all of the rendered Latin letters."""
     c = base_config()
     c.seed = 0
-    c.model.name, c.model.width, c.model.dropout_rate = config.model.name, config.model.width, config.model.dropout_rate
-    c.model.fc_width = config.model.fc_width
-    c.model.vit = config.model.vit.copy_and_resolve_references()
+    c.model = config.model.copy_and_resolve_references()
+    c.model.dtype = 'float32'
     c.growth.method = 'scratch'
     c.init.pretrained = ''
     c.data.name = config.init.source_dataset
@@ -137,46 +125,12 @@ def pretrain_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
     c.train.batch_size = 128
     c.train.learning_rate = 0.05
     c.train.new_lr_multiplier = 1.0
-    if config.model.name == 'vit':  # a transformer trained from scratch needs Adam and a warm-up
-        c.train.optimizer, c.train.learning_rate, c.train.weight_decay = 'adamw', 1e-3, 0.05
-        c.train.warmup_steps = min(200, config.init.pretrain_steps // 10)
+    families.of(config).pretrain(c, config)  # e.g. a transformer trained from scratch needs Adam and a warm-up
     c.train.eval_every = max(1, config.init.pretrain_steps // 2)
     c.train.checkpoint_every = c.train.eval_every
     c.train.progress = config.train.progress
     c.init.cache_dir = config.init.cache_dir
     return c
-
-
-def parse_layer_counts(spec: str, key: str) -> dict[str, int]:
-    """'stage3=64,stage4=128' -> {'stage3': 64, 'stage4': 128}; errors name the config key."""
-    counts = {}
-    for item in filter(None, (part.strip() for part in spec.split(','))):
-        layer, _, count = item.partition('=')
-        if not layer or not count.strip().isdigit() or int(count) <= 0:
-            raise ConfigError(f'config.{key}: {item!r} is not layer=positive_integer (e.g. \'stage4=128\').')
-        counts[layer.strip()] = int(count)
-    return counts
-
-
-def growth_from_config(config: ml_collections.ConfigDict) -> Growth | None:
-    """The model's Growth: the method's (growjax.methods), plus any explicit widen / deepen entries.
-
-    ResNets have no fc6/fc7, so there the paper's methods act on the last two stages
-    (growjax.models.resnet.PAPER_LAYERS), and fc_a is one residual block inserted at the end of stage4.
-    """
-    g = config.growth
-    spec = methods.get(g.method).growth_spec(g)
-    widen, deepen = (spec.widen_by, spec.deepen_by) if spec else ({}, {})
-    if config.model.name.startswith('resnet'):
-        widen = {RESNET_LAYERS[layer]: units for layer, units in widen.items()}
-        deepen = {RESNET_LAYERS[layer]: 1 for layer in deepen}
-    widen.update(parse_layer_counts(g.widen, 'growth.widen'))
-    deepen.update(parse_layer_counts(g.deepen, 'growth.deepen'))
-    lora = spec.lora_ranks if spec else {}
-    if not widen and not deepen and not lora:
-        return None
-    norm_scale = spec.norm_scale if spec else g.norm_scale  # a method may fix it (wa_ori)
-    return Growth(widen=widen, deepen=deepen, norm_scale=norm_scale, scale_init=g.scale_init, lora=lora)
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -187,22 +141,16 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
     need(config.growth.method in methods.METHODS, 'growth.method',
          f'{config.growth.method!r} is not one of {list(methods.METHODS)}.')
+    families.check_method(families.of(config), config.growth.method)
+    for family in families.FAMILIES:  # each checks the keys it owns, whichever model the config names
+        family.validate(config, need)
     need(config.growth.units > 0, 'growth.units', f'must be a positive number of units, got {config.growth.units}.')
     need(config.growth.scale_init > 0, 'growth.scale_init', f'must be positive, got {config.growth.scale_init}.')
     need(config.growth.lora_rank > 0, 'growth.lora_rank', f'must be a positive rank, got {config.growth.lora_rank}.')
     for key in ('blocks', 'heads'):
         need(config.growth[key] > 0, f'growth.{key}', f'must be a positive number, got {config.growth[key]}.')
-    for key in ('width', 'depth', 'mlp_dim', 'num_heads', 'representation_size'):
-        need(config.model.vit[key] >= 0, f'model.vit.{key}', f'must be >= 0 (0: the variant\'s), got '
-             f'{config.model.vit[key]}.')
-    for key in ('widen', 'deepen'):
-        parse_layer_counts(config.growth[key], f'growth.{key}')
     need(config.model.dtype in ('float32', 'bfloat16'), 'model.dtype', f"must be 'float32' or 'bfloat16', got {config.model.dtype!r}.")
     need(config.model.width > 0, 'model.width', f'must be positive, got {config.model.width}.')
-    need(config.model.fc_width >= 0, 'model.fc_width', f'must be >= 0 (0: 256 x model.width), got '
-         f'{config.model.fc_width}.')
-    need(not config.model.fc_width or config.model.name == 'small_cnn', 'model.fc_width',
-         f'sets the fc6/fc7 units of small_cnn only, not of {config.model.name!r}.')
     need(0 <= config.model.dropout_rate < 1, 'model.dropout_rate', f'must be in [0, 1), got {config.model.dropout_rate}.')
     need(config.data.image_size > 0, 'data.image_size', f'must be positive, got {config.data.image_size}.')
     need(config.data.shots_per_class >= 0, 'data.shots_per_class', f'must be >= 0, got {config.data.shots_per_class}.')
@@ -233,17 +181,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
 # a TFDS data_dir with the dataset prepared, and published ImageNet weights (growjax.pretrained).
 PRESET_DATASETS = {'flowers102': 'oxford_flowers102', 'caltech_birds2011': 'caltech_birds2011',
                    'sun397': 'sun397', 'mit67': 'mit67'}
-PRESET_MODELS = {
-    'alexnet': 'torchvision AlexNet ImageNet weights (alexnet-owt-7be5be79.pth)',
-    'vgg16': 'torchvision VGG16 ImageNet weights (vgg16-397923af.pth)',
-    'resnet50': 'torchvision ResNet-50 ImageNet weights (resnet50-0676ba61.pth or resnet50-11ad3fa6.pth)',
-    'vit': ("a ViT-B/16 checkpoint: timm's model.safetensors (e.g. vit_base_patch16_224.augreg_in21k), "
-            "torchvision's vit_b_16-c867db91.pth, or big_vision's .npz"),
-}
-
-
 def preset_names() -> list[str]:
-    return [f'{model}_{data}' for model in PRESET_MODELS for data in PRESET_DATASETS]
+    return [f'{model}_{data}' for model in families.published_weights() for data in PRESET_DATASETS]
 
 
 def apply_preset(config: ml_collections.ConfigDict, preset: str | None) -> ml_collections.ConfigDict:
@@ -253,12 +192,13 @@ def apply_preset(config: ml_collections.ConfigDict, preset: str | None) -> ml_co
     if preset not in preset_names():
         raise ConfigError(f'Unknown preset {preset!r}; available: {preset_names()}.')
     model, _, dataset = preset.partition('_')
+    family = families.get(model)
     config.model.name = model
-    config.model.dropout_rate = 0.5 if model in ('alexnet', 'vgg16') else 0.0
-    config.init.reinit = CLASSIFIER_REINIT.get(model, DEFAULT_REINIT)
+    config.model.dropout_rate = 0.0
+    config.init.reinit = family.classifier
     config.growth.units = 1024
     if methods.METHODS[config.growth.method].pretrained:
-        config.init.pretrained = REQUIRED + PRESET_MODELS[model]
+        config.init.pretrained = REQUIRED + family.published[model]
     config.data.name = PRESET_DATASETS[dataset]
     config.data.data_dir = os.path.join(os.path.expanduser('~'), 'tensorflow_datasets')
     config.data.image_size = 224
@@ -266,9 +206,7 @@ def apply_preset(config: ml_collections.ConfigDict, preset: str | None) -> ml_co
     config.data.crop_padding = 16
     config.data.flip = True
     config.data.mean, config.data.std = IMAGENET_MEAN, IMAGENET_STD
-    if model == 'vit':  # ViT-B/16 at 224 px; timm's and big_vision's weights expect [-1, 1] inputs
-        config.model.vit.update(variant='B/16', width=0, depth=0, mlp_dim=0, num_heads=0)
-        config.data.mean, config.data.std = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+    family.preset(config, model)  # e.g. the ViT's sizes and its weights' [-1, 1] inputs
     config.data.val_split = ''
     config.train.batch_size = 32
     config.train.learning_rate = 0.001  # the paper's fine-tuning rate; new layers at 10x

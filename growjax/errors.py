@@ -11,3 +11,7 @@ class UserError(ValueError):
 
 class DataError(UserError):
     """A dataset, split, folder or selection that cannot be served; the message says how to fix it."""
+
+
+class ConfigError(UserError):
+    """A config value that cannot work; the message names the key (config_lib and the families raise it)."""

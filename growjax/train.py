@@ -15,13 +15,12 @@ import ml_collections
 import numpy as np
 import optax
 
-from growjax import checkpoint, config_lib, data, groups, methods, models, pretrained, steps, surgery
+from growjax import checkpoint, config_lib, data, families, groups, steps
 from growjax.errors import UserError
 from growjax.grow import GrownModel, grow_params
 from growjax.outputs import MetricsWriter, ProgressBar, plot_curves
 
 log = logging.getLogger('growjax')
-BIG_VISION_SUFFIX = '.npz'  # big_vision / the original ViT code's checkpoints (growjax.pretrained.from_big_vision)
 
 
 class TrainingDiverged(UserError):
@@ -29,37 +28,15 @@ class TrainingDiverged(UserError):
 
 
 def build_model(config: ml_collections.ConfigDict, num_classes: int):
-    """The (grown) model the config describes: a growjax CNN with its Growth spec, or growjax's ViT
-    grown by growjax.surgery (growjax.methods says how each method grows either)."""
-    dtype = jnp.bfloat16 if config.model.dtype == 'bfloat16' else None
-    if config.model.name == 'vit':
-        v = config.model.vit
-        vit = models.get('vit', num_classes=num_classes, variant=v.variant, width=v.width or None,
-                         depth=v.depth or None, mlp_dim=v.mlp_dim or None, num_heads=v.num_heads or None,
-                         pool_type=v.pool_type, representation_size=v.representation_size or None,
-                         dropout_rate=config.model.dropout_rate, dtype=dtype)
-        for key in ('widen', 'deepen'):
-            if config.growth[key]:
-                raise config_lib.ConfigError(f'config.growth.{key} is for CNNs; a ViT grows by growth.method '
-                                             '(growth.units, growth.blocks, growth.heads).')
-        operations = methods.get(config.growth.method).operations(config.growth, vit)
-        return surgery.grow(vit, operations) if operations else vit
-    growth = config_lib.growth_from_config(config)
-    kwargs = {'width': config.model.width, 'dtype': dtype}
-    if 'dropout_rate' in models.options(config.model.name):  # ResNets have no dropout
-        kwargs['dropout_rate'] = config.model.dropout_rate
-    if config.model.fc_width:  # small_cnn's fc6/fc7 units (config_lib.validate checks the model)
-        kwargs['fc_width'] = config.model.fc_width
-    return models.get(config.model.name, num_classes=num_classes, growth=growth, **kwargs)
+    """The (grown) model the config describes, built by its family (growjax.families)."""
+    return families.build(config, num_classes)
 
 
 def model_description(config: ml_collections.ConfigDict, num_classes: int) -> dict:
     """What the export's model.json records: enough to rebuild the architecture."""
     return {'name': config.model.name, 'num_classes': num_classes, 'width': config.model.width,
             'dropout_rate': config.model.dropout_rate, 'growth': config.growth.to_dict(),
-            'image_size': config.data.image_size,
-            **({'fc_width': config.model.fc_width} if config.model.fc_width else {}),
-            **({'vit': config.model.vit.to_dict()} if config.model.name == 'vit' else {})}
+            'image_size': config.data.image_size, **families.of(config).description(config)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -77,10 +54,8 @@ def builtin_pretrained_dir(config: ml_collections.ConfigDict) -> str:
     """The cache folder of the built-in source model: a hash of everything that shapes it."""
     pretrain = config_lib.pretrain_config(config)
     shaping = {k: pretrain[k].to_dict() for k in ('model', 'growth', 'data', 'train')} | {'seed': pretrain.seed}
-    if pretrain.model.name != 'vit':
-        del shaping['model']['vit']  # the ViT's settings do not shape a CNN
-    if not shaping['model']['fc_width']:
-        del shaping['model']['fc_width']  # the default: source models cached before the key existed stay valid
+    for family in families.FAMILIES:  # e.g. the ViT's settings do not shape a CNN
+        family.drop_unshaping(shaping['model'], pretrain.model.name)
     for section, keys in UNSHAPING_KEYS.items():  # how a run is watched or where its data sit: not its result
         for key in keys:
             shaping[section].pop(key, None)
@@ -93,26 +68,21 @@ def load_pretrained(config: ml_collections.ConfigDict, sharding: jax.sharding.Sh
     """Pretrained variables for the config (None: train from scratch).
 
     'builtin' pretrains the plain model on the source task the first time and caches it (later
-    runs reuse it); a .pth/.pt/.bin/.safetensors file holds published PyTorch weights
-    (growjax.pretrained), placed leaf by leaf with `sharding` when given (the host then never holds
+    runs reuse it); a file of published weights (.pth/.pt/.bin/.safetensors, big_vision's .npz: the
+    suffixes the model's family reads) is converted by the family's loader (growjax.pretrained),
+    placed leaf by leaf with `sharding` when given (the host then never holds
     the whole converted tree); anything else is the path of a growjax export (a finished run's workdir).
     """
     source = config.init.pretrained
     if not source:
         return None
+    family = families.of(config)
     if source != 'builtin' and not os.path.exists(source):
-        raise config_lib.ConfigError(
-            f"config.init.pretrained: {source} does not exist. Pass 'builtin', the workdir of a finished growjax "
-            f"run (its export/), or a published weights file ({', '.join(pretrained.WEIGHT_FILE_SUFFIXES)}, or "
-            f"big_vision's {BIG_VISION_SUFFIX}).")
-    if source.endswith(BIG_VISION_SUFFIX):
-        return pretrained.from_big_vision(source, variant=config.model.vit.variant, image_size=config.data.image_size,
-                                          sharding=sharding)
-    if source.endswith(pretrained.WEIGHT_FILE_SUFFIXES):
-        if config.model.name == 'vit':
-            return pretrained.from_torch(source, 'vit', variant=config.model.vit.variant,
-                                         image_size=config.data.image_size, sharding=sharding)
-        return pretrained.from_torch(source, config.model.name, width=config.model.width, sharding=sharding)
+        files = f", or a published weights file ({', '.join(family.weight_suffixes)})" if family.weight_suffixes else ''
+        raise config_lib.ConfigError(f"config.init.pretrained: {source} does not exist. Pass 'builtin', the workdir "
+                                     f"of a finished growjax run (its export/){files}.")
+    if family.weight_suffixes and source.endswith(family.weight_suffixes):
+        return family.load_published(config, source, sharding)
     if source == 'builtin':
         workdir = builtin_pretrained_dir(config)
         if not os.path.isdir(os.path.join(workdir, checkpoint.EXPORT_DIR)):
@@ -257,12 +227,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        eval_hooks: Sequence[EvalHook] = ()) -> dict[str, Any]:
     """Grows the pretrained model the config names, fine-tunes, evaluates; returns the summary.
 
+    A model family with a job of its own (growjax.families: `Family.job`) runs that instead.
+
     Rerunning with the same workdir resumes from its latest checkpoint. `eval_hooks` run at step 0,
     at every evaluation during training and after the final one (e.g. `growjax.analysis.hooks()`,
     which main.py passes for config.train.analysis=True); what they return is written to
     metrics.jsonl with split 'analysis'. Evaluation during training reads the validation split
     only (none without one); the test split is evaluated once, at the end.
     """
+    job = families.of(config).job
+    if job is not None:  # a family with its own kind of run (the GPT grows during training)
+        return job(config, workdir, eval_hooks)
     config_lib.validate(config)
     if config.train.analysis and not eval_hooks:
         raise config_lib.ConfigError('config.train.analysis=True, but no eval_hooks were passed: pass '

@@ -6,6 +6,7 @@ import pytest
 
 import growjax
 from growjax import Growth, config_lib, grow_params, steps
+from growjax.families import cnn
 from growjax.grow import flatten
 from growjax.groups import split
 from growjax.models.growth import GrowthError
@@ -76,7 +77,7 @@ def test_config_method_lora():
     config.growth.method = 'lora'
     config.growth.lora_rank = 6
     config_lib.validate(config)
-    assert config_lib.growth_from_config(config) == Growth(lora={'fc6': 6, 'fc7': 6})
+    assert cnn.growth_spec(config) == Growth(lora={'fc6': 6, 'fc7': 6})
     config.growth.lora_rank = 0
     with pytest.raises(config_lib.ConfigError, match='growth.lora_rank'):
         config_lib.validate(config)

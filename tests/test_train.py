@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from growjax import config_lib, data, steps, train
+from growjax import config_lib, data, families, steps, train
 from growjax.errors import UserError
 from growjax.grow import flatten
 
@@ -199,7 +199,7 @@ def tiny_vit_config(tiny_config):
         c = tiny_config(method)
         c.model.name = 'vit'
         c.model.vit.update(variant='mu/4', width=16, depth=2, mlp_dim=32, num_heads=2)
-        c.init.reinit = config_lib.CLASSIFIER_REINIT['vit']
+        c.init.reinit = families.get('vit').classifier
         c.growth.units = 8
         return c
     return make
