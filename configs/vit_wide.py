@@ -4,7 +4,7 @@ new units meet (growjax.methods: 'wa'). The source ViT is pretrained on the buil
 
 Run: python main.py --config=configs/vit_wide.py --workdir=workdirs/vit_wide
      python main.py --config=configs/vit_wide.py --config.growth.blocks=2 --config.growth.units=128
-     python main.py --config=configs/vit_wide.py:vit_b16_flowers102 --config.init.pretrained=/path/B_16.safetensors
+     python main.py --config=configs/vit_wide.py:vit_flowers102 --config.init.pretrained=/path/B_16.safetensors
 """
 from growjax import config_lib
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Sequence
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -272,7 +272,3 @@ def run_variables(state: steps.TrainState, i: int, j: int) -> dict:
 def parameter_count(model, image_shape: tuple[int, ...]) -> int:
     shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, *image_shape), jnp.float32))
     return sum(int(np.prod(leaf.shape)) for leaf in jax.tree_util.tree_leaves(shapes['params']))
-
-
-def as_json(runs: Sequence[RunCurves]) -> list[dict[str, Any]]:
-    return [run.to_json() for run in runs]

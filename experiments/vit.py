@@ -21,7 +21,7 @@ from growjax import config_lib
 from experiments import paper, report
 from experiments.protocol import Settings
 
-_BASE = config_lib.vit_config()
+_BASE = config_lib.family_config('vit')
 TOP_BLOCK = f'block{_BASE.model.vit.depth - 1}_new'
 REGIMES = ('new', TOP_BLOCK, 'all')
 
@@ -39,5 +39,5 @@ VIT = paper.Command('experiments.vit', FULL, QUICK, REGIMES, report.write_vit_se
 
 if __name__ == '__main__':
     from absl import app
-    paper.define_flags(VIT, config_lib.vit_config())
+    paper.define_flags(VIT, config_lib.family_config('vit'))
     app.run(lambda argv: sys.exit(paper.main(argv, VIT)))
