@@ -63,13 +63,14 @@ def main(argv):
     logging.getLogger('growjax').setLevel(logging.INFO)
     workdir = FLAGS.workdir or default_workdir(FLAGS['config'].config_filename)
     try:
-        hooks = analysis.hooks() if FLAGS.config.train.analysis else ()
+        hooks = analysis.hooks() if FLAGS.config.train.get('analysis') else ()
         summary = train.train_and_evaluate(FLAGS.config, workdir, eval_hooks=hooks)
     except UserError as err:
         print(f'error: {one_line(err)}', file=sys.stderr)
         return 2
-    print(f'{workdir}: final {FLAGS.config.data.eval_split} accuracy {summary["accuracy"]:.4f}'
-          f' (summary.json, metrics.jsonl, curves.png, tensorboard/, export/ in {workdir})')
+    final = ', '.join(f'{key} {summary[key]:.4f}' for key in ('accuracy', 'validation_loss', 'validation_bits_per_byte')
+                      if key in summary)
+    print(f'{workdir}: final {final} (summary.json, metrics.jsonl, curves.png in {workdir})')
     return 0
 
 

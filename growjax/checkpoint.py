@@ -10,7 +10,7 @@ import json
 import logging
 import os
 import time
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -69,19 +69,21 @@ def _restore_step(manager, step: int, abstract_state: Any) -> tuple[Any, dict]:
     return restored['state'], meta['data']
 
 
-def restore_latest(workdir: str, max_to_keep: int, abstract_state: Any
+def restore_latest(workdir: str, max_to_keep: int, abstract_state: Any | Callable[[int], Any]
                    ) -> tuple[ocp.CheckpointManager, tuple[int, Any, dict] | None]:
     """The run's checkpoint manager and (step, state, data_state) of the newest *good* checkpoint.
 
     A damaged checkpoint (unreadable, truncated, or not matching its checksum) is skipped with a
     warning and moved aside to '<step>.damaged-<time>' (kept for inspection, never reused), so the
     run resumes from the previous good one and later saves cannot collide with it. Shapes come
-    from `abstract_state`: a mismatch is damage too (no silent padding).
+    from `abstract_state`, or from `abstract_state(step)` where the state's shapes depend on the step
+    (a model that grows during training): a mismatch is damage too (no silent padding).
     """
     manager = checkpoint_manager(workdir, max_to_keep)
     for step in sorted(manager.all_steps(), reverse=True):
         try:
-            state, data_state = _restore_step(manager, step, abstract_state)
+            target = abstract_state(step) if callable(abstract_state) else abstract_state
+            state, data_state = _restore_step(manager, step, target)
         except DamagedCheckpoint as err:
             log.warning('%s; resuming from an earlier checkpoint instead.', err)
             manager.close()

@@ -15,9 +15,9 @@ from growjax import families, methods
 from growjax.errors import ConfigError
 from growjax.families.base import Family
 from growjax.pretrained import IMAGENET_MEAN, IMAGENET_STD
+from growjax.runtime import DEFAULT_CACHE
 from growjax.steps import OPTIMIZERS
 
-DEFAULT_CACHE = os.path.join(os.path.expanduser('~'), '.cache', 'growjax')
 REQUIRED = 'required: '  # an init.pretrained value that asks the user for a path
 DEFAULT_REINIT = Family.classifier  # the leaves a new task re-initialises (each family says its own)
 
@@ -100,11 +100,6 @@ def family_config(model_name: str) -> ml_collections.ConfigDict:
     c = base_config()
     families.get(model_name).defaults(c)
     return c
-
-
-def vit_config() -> ml_collections.ConfigDict:
-    """family_config('vit'), under the name growjax.experiments.vit still calls."""
-    return family_config('vit')
 
 
 def pretrain_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

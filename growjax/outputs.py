@@ -37,10 +37,10 @@ class MetricsWriter:
         from tensorboardX import SummaryWriter  # imported late: only process 0 writes events
         self._tensorboard = SummaryWriter(os.path.join(workdir, 'tensorboard'))
 
-    def write_config(self, config, meta, train_examples: int) -> None:
+    def write_config(self, config, **facts) -> None:
+        """The first record: the config and `facts` about the run (e.g. dataset=..., num_classes=...)."""
         if self._enabled:
-            self._append({'step': 0, 'split': 'config', 'config': json.loads(config.to_json_best_effort()),
-                          'dataset': meta.name, 'num_classes': meta.num_classes, 'train_examples': train_examples})
+            self._append({'step': 0, 'split': 'config', 'config': json.loads(config.to_json_best_effort()), **facts})
 
     def write(self, step: int, split: str, values: Mapping[str, float]) -> None:
         if not self._enabled:
@@ -60,7 +60,8 @@ class MetricsWriter:
 
 
 class ProgressBar:
-    """A tqdm bar on stderr with loss, accuracy and images per second (silent when disabled)."""
+    """A tqdm bar on stderr with the job's running numbers, e.g. loss and images per second (silent
+    when disabled)."""
 
     def __init__(self, total: int, initial: int, enabled: bool, description: str = ''):
         self._bar = None
@@ -69,12 +70,13 @@ class ProgressBar:
             self._bar = tqdm(total=total, initial=initial, desc=description, file=sys.stderr, dynamic_ncols=True)
         self._position = initial
 
-    def update(self, step: int, *, loss: float, accuracy: float, images_per_second: float) -> None:
+    def update(self, step: int, **values: float) -> None:
+        """Moves to `step` and shows `values` (e.g. loss=0.52, img_s=830.0) with 3 significant digits."""
         if self._bar is None:
             return
         self._bar.update(step - self._position)
         self._position = step
-        self._bar.set_postfix(loss=f'{loss:.3f}', acc=f'{accuracy:.3f}', img_s=f'{images_per_second:.0f}')
+        self._bar.set_postfix({key: f'{value:.3g}' for key, value in values.items()})
 
     def close(self) -> None:
         if self._bar is not None:
@@ -101,6 +103,35 @@ def plot_curves(workdir: str, path: str | None = None) -> str:
         ax.grid(alpha=0.3)
         ax.legend()
     fig.suptitle(os.path.basename(os.path.normpath(workdir)))
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_loss_against_flops(workdir: str, path: str | None = None) -> str:
+    """A PNG of the validation (and train) loss against cumulative training FLOPs from metrics.jsonl,
+    each growth marked where it happened (rows of split 'growth'): compute is the fair axis for a
+    model that changes size mid-run."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+
+    records = read_metrics(workdir)
+    path = path or os.path.join(workdir, CURVES_FILE)
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for split, style in (('train', '-'), ('validation', 'o-')):
+        rows = [r for r in records if r['split'] == split and 'flops' in r]
+        if rows:
+            ax.plot([r['flops'] for r in rows], [r['loss'] for r in rows], style, label=split, alpha=0.5 if split == 'train' else 1)
+    for row in (r for r in records if r['split'] == 'growth'):
+        ax.axvline(row['flops'], color='k', linestyle=':', alpha=0.7)
+        ax.annotate(f"grow {row['width_before']}x{row['depth_before']} -> {row['width_after']}x{row['depth_after']}",
+                    (row['flops'], row['loss_after']), textcoords='offset points', xytext=(4, 8), fontsize=8)
+    ax.set(xlabel='training FLOPs (cumulative, XLA cost analysis)', ylabel='loss (nats per byte)',
+           title=os.path.basename(os.path.normpath(workdir)))
+    ax.grid(alpha=0.3)
+    ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -16,15 +16,12 @@ import numpy as np
 import optax
 
 from growjax import checkpoint, config_lib, data, families, groups, steps
-from growjax.errors import UserError
 from growjax.grow import GrownModel, grow_params
 from growjax.outputs import MetricsWriter, ProgressBar, plot_curves
+from growjax.runtime import (  # noqa: F401  (TrainingDiverged: train.TrainingDiverged, as before)
+    TrainingDiverged, check_batch_sizes, check_finite, check_workdir, initialize_distributed)
 
 log = logging.getLogger('growjax')
-
-
-class TrainingDiverged(UserError):
-    """The loss became NaN or infinite; the last good checkpoint is kept."""
 
 
 def build_model(config: ml_collections.ConfigDict, num_classes: int):
@@ -125,41 +122,6 @@ def make_data(config: ml_collections.ConfigDict, mesh):
 
     image_shape = (d.image_size, d.image_size, meta.image_shape[-1])
     return meta, train_iter, eval_batches, image_shape, 0 if indices is None else len(indices)
-
-
-def initialize_distributed(settings: ml_collections.ConfigDict) -> None:
-    """jax.distributed.initialize, auto-detected on pods/clusters or explicit (e.g. on localhost)."""
-    if jax.distributed.is_initialized():
-        return
-    if not settings.coordinator_address:
-        jax.distributed.initialize()
-        return
-    jax.distributed.initialize(coordinator_address=settings.coordinator_address,
-                               num_processes=settings.num_processes, process_id=settings.process_id)
-
-
-def check_workdir(workdir: str) -> None:
-    """A workdir must be a folder we can write, or creatable in one; checked before any work."""
-    path = os.path.abspath(workdir)
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise UserError(f'workdir {workdir} is a file, not a folder: pass --workdir=A_FOLDER.')
-    existing = path
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing):
-        raise UserError(f'workdir {workdir} cannot be created: {existing} is a file.')
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise UserError(f'workdir {workdir} is not writable ({existing} does not allow writing): pass another '
-                        '--workdir or fix its permissions.')
-
-
-def check_batch_sizes(config: ml_collections.ConfigDict) -> None:
-    devices = jax.device_count()
-    for key in ('batch_size', 'eval_batch_size'):
-        if config.train[key] % devices:
-            raise config_lib.ConfigError(
-                f'config.train.{key}={config.train[key]} is not divisible by the {devices} devices; '
-                f'use a multiple of {devices}.')
 
 
 # ---------------------------------------------------------------------------------------------
@@ -268,7 +230,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         log.info('Resumed from the checkpoint at step %d in %s.', start_step, workdir)
     writer = MetricsWriter(workdir, resume_step=start_step)
     if start_step == 0:
-        writer.write_config(config, meta, train_examples)
+        writer.write_config(config, dataset=meta.name, num_classes=meta.num_classes, train_examples=train_examples)
 
     context = RunContext(config, model, mesh, eval_batches, workdir)
 
@@ -326,8 +288,7 @@ def fit(config, workdir, state, train_step, train_iter, start_step, mesh, manage
                 images_per_second = len(window) * config.train.batch_size / (time.perf_counter() - window_start)
                 writer.write(step, 'train', {**means, 'images_per_second': images_per_second,
                                              'learning_rate': float(schedule(step))})
-                progress.update(step, loss=means['loss'], accuracy=means['accuracy'],
-                                images_per_second=images_per_second)
+                progress.update(step, loss=means['loss'], acc=means['accuracy'], img_s=images_per_second)
                 window, window_start = [], time.perf_counter()
             if step % config.train.eval_every == 0 and step != config.train.steps:
                 evaluate_during_training(step, state)
@@ -337,16 +298,6 @@ def fit(config, workdir, state, train_step, train_iter, start_step, mesh, manage
         progress.close()
         batches.close()
     return state
-
-
-def check_finite(metrics: list[dict], first_step: int, workdir: str) -> list[dict]:
-    """Raises TrainingDiverged naming the first step whose loss is NaN or infinite."""
-    for offset, values in enumerate(metrics):
-        if not np.isfinite(values['loss']):
-            raise TrainingDiverged(
-                f'the training loss became {values["loss"]} at step {first_step + offset}; the last good checkpoint '
-                f'is kept in {os.path.join(workdir, "checkpoints")}. Lower config.train.learning_rate or check the data.')
-    return metrics
 
 
 def learning_rate_schedule(config) -> optax.Schedule:

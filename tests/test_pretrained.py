@@ -427,7 +427,7 @@ def test_grown_model_from_converted_weights_trains(name, growth, regime):
 
 
 def test_vit_presets_read_a_vit_b16_at_224_in_minus_one_to_one():
-    config = config_lib.apply_preset(config_lib.vit_config(), 'vit_flowers102')
+    config = config_lib.apply_preset(config_lib.family_config('vit'), 'vit_flowers102')
     assert config.model.name == 'vit' and config.model.vit.variant == 'B/16' and config.model.vit.width == 0
     assert config.data.image_size == 224 and (config.data.mean, config.data.std) == ((0.5,) * 3, (0.5,) * 3)
     assert tuple(config.init.reinit) == ('^head/',) and config.model.dropout_rate == 0.0

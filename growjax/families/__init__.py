@@ -10,12 +10,13 @@ from __future__ import annotations
 import ml_collections
 
 from growjax.errors import ConfigError, UserError
-from growjax.families import cnn, vit
+from growjax.families import cnn, gpt, vit
 from growjax.families.base import Family
 
 FAMILIES: tuple[Family, ...] = (
     cnn.FAMILY,
     vit.FAMILY,
+    gpt.FAMILY,
 )
 _BY_MODEL = {name: family for family in FAMILIES for name in family.models}
 
