@@ -1,9 +1,9 @@
 """Images/s and MFU of grown ResNet-50, VGG16 and ViT-B/16 train steps (bfloat16 compute) on the default device.
 
-    python3 bench/gpu.py                                   # accelerator: full size, 224px
-    python3 bench/gpu.py --peak_tflops 989                 # e.g. H100 SXM: MFU against its datasheet peak
-    python3 bench/gpu.py --tiny                            # CPU smoke run: every model at a tiny size
-    python3 bench/gpu.py --models vit_b16_wa,vit_b16_da    # a subset
+    python3 -m bench.gpu                                   # accelerator: full size, 224px
+    python3 -m bench.gpu --peak_tflops 989                 # e.g. H100 SXM: MFU against its datasheet peak
+    python3 -m bench.gpu --tiny                            # CPU smoke run: every model at a tiny size
+    python3 -m bench.gpu --models vit_b16_wa,vit_b16_da    # a subset
 
 Models (grown, regime all, SGD with momentum, new leaves at 10x, bfloat16 compute with float32
 parameters): `resnet50` (stage4 + 128 channels), `vgg16` (WA: fc7 + 1024 units), `vit_b16_wa`
@@ -20,19 +20,15 @@ a bf16 matmul (4096^3, or 512^3 with --tiny / --width < 1); give the datasheet v
 model builds, grows, compiles and steps; its numbers say nothing about an accelerator.
 """
 import argparse
-import os
 import statistics
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-
-from growjax import Growth, config_lib, groups, grow_params, models, steps, train  # noqa: E402
-from timing import matmul_peak  # noqa: E402  (bench/timing.py)
+from growjax import Growth, config_lib, groups, grow_params, models, steps, train
+from bench.timing import matmul_peak
 
 CNN_CASES = {'resnet50': Growth(widen={'stage4': 128}), 'vgg16': Growth.wa(1024)}
 # ViT-B/16: (growth.method, growth.blocks, growth.units); --tiny scales them down (TINY_VIT).

@@ -1,6 +1,6 @@
 """Time and peak memory of grow_params on ~100M (and ~1B) parameter trees vs a plain copy.
 
-    python3 bench/grow_scale.py [--sizes 100M,1B] [--reps 3]
+    python3 -m bench.grow_scale [--sizes 100M,1B] [--reps 3]
 
 A wide MLP (Dense 'fc0'..'fcN', W units) is grown by E units per layer: new 'fc{i}_plus' (W -> E)
 and 'fc{i}_from_plus' (E -> W) beside every pretrained leaf, which keeps its path and shape.
@@ -26,8 +26,7 @@ import subprocess
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZES = {'100M': (4096, 6, 1024), '1B': (8192, 15, 1024)}  # (W, layers, E)
 CASES = ('copy', 'grow_jit', 'grow_eager')
 
@@ -193,7 +192,7 @@ def sharded_child():
 
 
 def run_child(argv, env=None):
-    out = subprocess.run([sys.executable, __file__, *argv], capture_output=True, text=True,
+    out = subprocess.run([sys.executable, '-m', 'bench.grow_scale', *argv], capture_output=True, text=True, cwd=REPO,
                          env={**os.environ, **(env or {})})
     if out.returncode:
         return {'error': out.stderr.strip().splitlines()[-1] if out.stderr.strip() else f'rc {out.returncode}'}

@@ -1,25 +1,20 @@
 """Batches/s of the built-in input pipeline alone vs the train step's consumption rate.
 
-    python3 bench/input_pipeline.py [--batch 128] [--batches 100]
+    python3 -m bench.input_pipeline [--batch 128] [--batches 100]
 
 Pipeline: growjax.data.make_train_iterator on growjax_latin 16px (train split), as the main job
 builds it. Step: the small CNN (width 1) WA-grown train step, regime all, batch 128, fed one
 fixed batch (so it measures consumption only).
 """
 import argparse
-import os
 import statistics
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
 
-import jax  # noqa: E402
+from growjax import config_lib, data
 
-from growjax import config_lib, data  # noqa: E402
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from step_cost import Step  # noqa: E402
+from bench.step_cost import Step
 
 
 def main():

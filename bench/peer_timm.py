@@ -8,8 +8,8 @@ installed there too (the CUDA build of torch is the one PyPI serves for Python 3
     /tmp/venv_timm/bin/pip install torch==2.14.1 torchvision==0.29.1 timm
     # growjax's runtime pins (jax 0.10.2, flax, optax, orbax, grain, ...), without torch and tensorflow:
     /tmp/venv_timm/bin/pip install -r <(grep -v -E '^(torch|tensorflow-cpu|pytest|hypothesis|-e)' requirements.txt)
-    PYTHONPATH=. /tmp/venv_timm/bin/python bench/peer_timm.py [--reps 7] [--iters 3] [--cases builtin,small96,S16_64]
-    PYTHONPATH=. /tmp/venv_timm/bin/python bench/peer_timm.py --profile small96   # torch's per-op times
+    /tmp/venv_timm/bin/python -m bench.peer_timm [--reps 7] [--iters 3] [--cases builtin,small96,S16_64]
+    /tmp/venv_timm/bin/python -m bench.peer_timm --profile small96   # torch's per-op times
 
 What runs (cases: bench/vit_step.py's CASES): the fine-tuning train step of a ViT, regime `all`,
 float32, forward + cross-entropy + backward + SGD (momentum 0.9, weight decay 5e-4 on kernels
@@ -45,19 +45,16 @@ ap.add_argument('--forward', action='store_true', help='also time the inference 
 ap.add_argument('--profile', default='', help='a case: print torch.profiler\'s per-op table of the timm step, exit')
 args = ap.parse_args()
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import jax
+import jax.numpy as jnp
+import numpy as np
+import timm
+import torch
+from timm.models.vision_transformer import VisionTransformer
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import timm  # noqa: E402
-import torch  # noqa: E402
-from timm.models.vision_transformer import VisionTransformer  # noqa: E402
-
-import vit_step  # noqa: E402  (bench/vit_step.py: growjax's step, reused as is)
-from timing import Timed, TorchThreads, TorchTrainStep, measure, paired  # noqa: E402  (bench/timing.py)
-from growjax import models, pretrained  # noqa: E402
+from bench import vit_step  # growjax's step, reused as is
+from bench.timing import Timed, TorchThreads, TorchTrainStep, measure, paired
+from growjax import models, pretrained
 
 torch.set_num_threads(args.threads)
 

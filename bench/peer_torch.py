@@ -1,6 +1,6 @@
 """PyTorch peer: the same fine-tuning train step in torch and in growjax, timed in one process.
 
-    python3 bench/peer_torch.py [--reps 7] [--iters 5] [--batch 128] [--methods finetune,wa]
+    python3 -m bench.peer_torch [--reps 7] [--iters 5] [--batch 128] [--methods finetune,wa]
 
 Models (as in bench/step_cost.py): `small_cnn` width 1 at 16x16x1 and `vgg16` width 1/8 at
 32x32x1, fine-tuned from a 52-class source to the 24-class target (the built-in Greek letters),
@@ -59,9 +59,6 @@ if args.devices > 1:
     os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
                                f' --xla_force_host_platform_device_count={args.devices}').strip()
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
 import jax  # noqa: E402
 import jaxlib  # noqa: E402
 import numpy as np  # noqa: E402
@@ -76,8 +73,8 @@ else:  # growjax only: the torch classes below are defined but never built
     torch, F = None, None
     tnn = types.SimpleNamespace(Module=object)
 
-import step_cost  # noqa: E402  (bench/step_cost.py: the growjax step, reused as is)
-from timing import TorchThreads, TorchTrainStep, paired  # noqa: E402  (bench/timing.py)
+from bench import step_cost  # noqa: E402  (the growjax step, reused as is)
+from bench.timing import TorchThreads, TorchTrainStep, paired  # noqa: E402
 from growjax import steps  # noqa: E402
 
 CASES = {  # name: (label, width, image size), as bench/step_cost.py

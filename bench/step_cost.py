@@ -1,6 +1,6 @@
 """Train-step cost of grown models vs plain fine-tuning, and of frozen regimes vs forward-only.
 
-    python3 bench/step_cost.py [--reps 5] [--batch 128]
+    python3 -m bench.step_cost [--reps 5] [--batch 128]
 
 Prints markdown tables: images/s (median of interleaved repeats), XLA cost-analysis FLOPs, the
 time ratio vs the FLOP ratio (grown / plain fine-tuning), achieved FLOP/s and MFU against a
@@ -13,17 +13,13 @@ time, the process CPU time (all threads) is reported: it does not count time spe
 other jobs, so its ratio is the steadier one on a loaded machine.
 """
 import argparse
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from growjax import Growth, groups, grow_params, models, steps
-from timing import Timed, fmt, matmul_peak, measure, paired  # bench/timing.py
+from bench.timing import Timed, fmt, matmul_peak, measure, paired
 
 CASES = {  # backbone: (model name, width, image size)
     'small_cnn w1 16px': ('small_cnn', 1.0, 16),

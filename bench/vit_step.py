@@ -1,7 +1,7 @@
 """Train-step cost of grown ViTs vs plain fine-tuning, bfloat16 vs float32, and compiles per run.
 
-    python3 bench/vit_step.py [--reps 7] [--iters 3] [--cases builtin,S16_64] [--methods finetune,wa,da,heads,lora]
-    python3 bench/vit_step.py --profile small96     # where a step's time goes (XLA:CPU trace, per layer kind)
+    python3 -m bench.vit_step [--reps 7] [--iters 3] [--cases builtin,S16_64] [--methods finetune,wa,da,heads,lora]
+    python3 -m bench.vit_step --profile small96     # where a step's time goes (XLA:CPU trace, per layer kind)
 
 Models are built as the main job builds them (`config_lib.family_config('vit')`, model.vit.* and
 growth.* set, `train.build_model`), grown from the plain ViT's init with `grow_params`, with
@@ -37,18 +37,15 @@ import math
 import os
 import re
 import statistics
-import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-
-from growjax import config_lib, grow_params, groups, steps, train  # noqa: E402
-from timing import Timed, fmt, matmul_peak, measure, paired  # noqa: E402  (bench/timing.py)
+from growjax import config_lib, grow_params, groups, steps, train
+from bench.timing import Timed, fmt, matmul_peak, measure, paired
 
 
 @dataclasses.dataclass(frozen=True)

@@ -54,7 +54,6 @@ import numpy as np
 from growjax import config_lib, data, models, train
 from growjax.errors import UserError
 from growjax.grow import flatten, grow_params, unflatten
-from growjax.models.growth import Growth
 from growjax.nn import scales_from_data
 
 import experiments

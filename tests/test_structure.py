@@ -160,3 +160,18 @@ def test_the_trainer_and_config_validation_know_no_model_family_by_name():
     assert {'small_cnn', 'vit', 'resnet50'} <= names
     for module in ('train', 'config_lib'):
         assert family_names_in_conditions(os.path.join(REPO, 'growjax', f'{module}.py'), names) == [], module
+
+
+def test_scripts_do_not_edit_sys_path():
+    """bench/ and experiments/ run as modules from the repository root (`python -m bench.step_cost`),
+    so they import growjax and each other without putting folders on sys.path."""
+    edits = []
+    for folder in ('bench', 'experiments'):
+        for file in sorted(os.listdir(os.path.join(REPO, folder))):
+            if file.endswith('.py'):
+                with open(os.path.join(REPO, folder, file)) as f:
+                    tree = ast.parse(f.read())
+                edits += [f'{folder}/{file}:{node.lineno}' for node in ast.walk(tree)
+                          if isinstance(node, ast.Attribute) and node.attr == 'path'
+                          and isinstance(node.value, ast.Name) and node.value.id == 'sys']
+    assert edits == []

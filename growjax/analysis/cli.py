@@ -11,7 +11,6 @@ import json
 import math
 import os
 import sys
-from typing import Mapping
 
 import jax
 import ml_collections
