@@ -127,7 +127,8 @@ class SizeMap:
         self.m, self.groups = m, groups
         self.tasks = [t for t in m.settings.tasks if any(k[0] == t for k in groups)]
         self.methods = [n for n in m.settings.methods if n != 'finetune']
-        self.labels = {name: m.method(name, self.tasks[0]).label for name in m.settings.methods} if self.tasks else {}
+        first = (self.tasks or m.settings.tasks)[0]  # nothing stored yet: the tables are empty, the labels still named
+        self.labels = {name: m.method(name, first).label for name in m.settings.methods}
 
     def sizes(self, dataset: str) -> list[int]:
         return self.m.sizes(dataset, self.m.settings.sizes)
