@@ -175,3 +175,21 @@ def test_scripts_do_not_edit_sys_path():
                           if isinstance(node, ast.Attribute) and node.attr == 'path'
                           and isinstance(node.value, ast.Name) and node.value.id == 'sys']
     assert edits == []
+
+
+def reachable(graph: dict[str, set[str]], start: str) -> set[str]:
+    seen, todo = set(), [start]
+    while todo:
+        for module in graph[todo.pop()] - seen:
+            seen.add(module)
+            todo.append(module)
+    return seen
+
+
+def test_config_flows_down_from_the_trainer_to_the_families_and_jobs():
+    """main.py -> train -> config_lib / families -> a family -> its job and the library below: no
+    module under the trainer imports it or config_lib back (issue 22: the walk does not climb)."""
+    graph = import_graph()
+    assert 'growjax.families' in reachable(graph, 'growjax.train')
+    for module in ('growjax.families', 'growjax.families.gpt', 'growjax.lm_train', 'growjax.methods'):
+        assert not reachable(graph, module) & {'growjax.train', 'growjax.config_lib'}, module
