@@ -99,7 +99,7 @@ from flax.linen import dtypes as linen_dtypes
 
 from growjax.grow import compile_patterns, pure
 from growjax.nn import l2_normalize_groups, lecun_normal_flat
-from growjax.surgery import (_OPERATIONS, COPY, AddHeads, Deepen, InsertAfter, LoRA, Operation, Report, SurgeryError,
+from growjax.surgery.linen import (_OPERATIONS, COPY, AddHeads, Deepen, InsertAfter, LoRA, Operation, Report, SurgeryError,
                              Widen, _kind, _sample, _suffix, activated_units, describe, resolve_causal)
 
 __all__ = ['CHECK_ATOL', 'CHECK_RTOL', 'NormScale', 'check_function', 'grow', 'module_paths', 'on_pure_dicts',
