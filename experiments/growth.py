@@ -48,7 +48,7 @@ VERSION = 1  # bump when what a run computes changes: stored runs of another ver
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_PAGE = os.path.join(ROOT, 'docs', 'growth.md')
 ZERO = r'block_\d+/(attn/out|mlp/fc2)'  # the last layer of each residual branch: a new block is the identity
-HEAD_DIM = 32
+HEAD_DIM = 16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,18 +59,18 @@ class Scale:
     big: tuple[int, int]
     head_dim: int = HEAD_DIM
     seq_len: int = 128
-    batch: int = 32
+    batch: int = 16
     steps: int = 500  # the token budget: steps x batch x seq_len
     warmup: int = 30
     lr: float = 2e-3
     min_lr: float = 0.1  # cosine decay to min_lr x lr at the last step
     weight_decay: float = 0.1
     eval_every: int = 50
-    eval_examples: int = 256  # a fixed random subset of the validation split, the same for every run
+    eval_examples: int = 128  # a fixed random subset of the validation split, the same for every run
     eval_batch: int = 128
     after_growth: tuple[int, ...] = (5, 10, 20, 30, 40)  # extra evaluations, steps after growth
     tail: int = 100  # and every tail_every steps over the last `tail` (where the target is crossed)
-    tail_every: int = 10
+    tail_every: int = 20
     max_bytes: int | None = None  # cap on the corpus (the quick run)
 
 
@@ -118,8 +118,9 @@ def arms_for(scale: Scale) -> list[Arm]:
 
 
 SCALES = {
+    'w32': Scale('w32', small=(2, 16), big=(4, 32)),
     'w64': Scale('w64', small=(2, 32), big=(4, 64)),
-    'w128': Scale('w128', small=(2, 64), big=(4, 128)),
+    'w128': Scale('w128', small=(2, 64), big=(4, 128)),  # defined, too slow for the shared 2-core machine so far
 }
 QUICK_SCALES = {
     'quick': Scale('quick', small=(1, 16), big=(2, 32), head_dim=16, seq_len=32, batch=8, steps=40, warmup=4,
@@ -735,7 +736,8 @@ def write_page(scales: Sequence[Scale], workdir: str, page: str, *, seeds: int =
         lines = [f'## {scale.name}: {scale.small[0]}x{scale.small[1]} -> {scale.big[0]}x{scale.big[1]} '
                  f'(depth x width, head_dim {scale.head_dim}, MLP 4x width)', '']
         if 'big' not in per_arm:
-            lines += ['Not run yet (the big model from scratch is missing, so nothing can be compared).', '']
+            lines += [f'Not run yet: no stored run of the big model from scratch, so nothing can be compared '
+                      f'(`python -m experiments.growth --scales={scale.name}` runs this scale).', '']
             results[scale.name] = {}
             sections.append('\n'.join(lines))
             continue
