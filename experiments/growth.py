@@ -659,28 +659,36 @@ def figure_curves(scale: Scale, per_arm: dict, path: str) -> str | None:
 
 
 def figure_spike(scale: Scale, per_arm: dict, path: str) -> str | None:
-    """Train loss (10-step mean) and validation loss around growth, seed 0 of each grown arm."""
+    """Around growth, each grown arm's loss minus the big-from-scratch model's at the same step (seed 0):
+    train loss on the same batches (5-step means; batch difficulty cancels) and validation loss."""
     grown = {name: next(r for r in runs if r['seed'] == 0) for name, runs in per_arm.items()
              if any(r['seed'] == 0 for r in runs) and runs[0].get('growth_step') is not None}
-    if not grown:
+    big = next((r for r in per_arm.get('big', []) if r['seed'] == 0), None)
+    if not grown or big is None:
         return None
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(8, 5))
     cmap = plt.get_cmap('tab20')
+    big_train = np.asarray(big['train_loss'])
+    big_steps = [p['step'] for p in big['evals']]
+    big_val = [p['val'] for p in big['evals']]
     for i, (name, run) in enumerate(grown.items()):
         g = run['growth_step']
         losses = np.asarray(run['train_loss'])
-        lo, hi = max(0, g - 30), min(len(losses), g + 80)
-        smooth = np.convolve(losses, np.ones(5) / 5, mode='same')
-        ax.plot(np.arange(lo, hi) - g, smooth[lo:hi], color=cmap(i), lw=1, label=f'{run["label"]} (train, 5-step mean)')
-        points = [(p['step'] - g, p['val']) for p in run['evals'] if g - 30 <= p['step'] <= g + 80]
+        n = min(len(losses), len(big_train))
+        gap = np.convolve(losses[:n] - big_train[:n], np.ones(5) / 5, mode='valid')  # gap[j]: steps j..j+4
+        lo, hi = max(0, g - 30), min(len(gap), g + 80)
+        ax.plot(np.arange(lo, hi) + 2 - g, gap[lo:hi], color=cmap(i), lw=1, label=f'{run["label"]} (train)')
+        points = [(p['step'] - g, p['val'] - float(np.interp(p['step'], big_steps, big_val)))
+                  for p in run['evals'] if g - 30 <= p['step'] <= g + 80 and p['phase'] != 'before_growth']
         ax.plot(*zip(*points), 'o--', color=cmap(i), ms=3, lw=0.8)
     ax.axvline(0, color='gray', lw=1)
+    ax.axhline(0, color='black', lw=0.8)
     ax.set_xlabel('steps after growth')
-    ax.set_ylabel('loss (nats/byte); dots: validation')
-    ax.set_title(f'{scale.name}: the loss around growth')
+    ax.set_ylabel('loss - big from scratch at the same step (nats/byte)')
+    ax.set_title(f'{scale.name}: around growth (lines: train, 5-step means; dots: validation)')
     ax.legend(fontsize=6)
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -785,7 +793,7 @@ def write_page(scales: Sequence[Scale], workdir: str, page: str, *, seeds: int =
                           ('spike', figure_spike(scale, per_arm, os.path.join(figures_dir, f'growth_{scale.name}_spike.png')))):
             if fig:
                 caption = ('Validation loss vs cumulative training FLOPs' if kind == 'curves'
-                           else 'Loss around growth (steps relative to growth)')
+                           else 'Loss around growth minus the big model\'s at the same step')
                 lines += [f'![{caption}, {scale.name}](figures/{os.path.basename(fig)})', '']
         loads = [x for runs_ in per_arm.values() for r in runs_ for x in r['machine']['load_1min']]
         lines += [f'Machine: {b0["machine"]["cpus"]} CPU cores ({b0["machine"]["backend"]}, jax {b0["machine"]["jax"]}), '
