@@ -168,31 +168,33 @@ def as_flags(config):
     return flags
 
 
-def run_until(command, workdir, condition, timeout=240) -> bool:
-    """Starts `command` and SIGKILLs it once condition() holds; True if it was killed."""
-    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    started = time.time()
-    try:
-        while process.poll() is None and time.time() - started < timeout:
-            if condition():
-                process.send_signal(signal.SIGKILL)
-                process.wait()
-                return True
-            time.sleep(0.005)
-    finally:
-        if process.poll() is None:
-            process.kill()
-        process.wait()
-    return False
+def run_until(command, condition, log_path, timeout=300) -> str:
+    """Starts `command` and SIGKILLs it once condition() holds: '' if it was killed, else why not."""
+    with open(log_path, 'w') as log:
+        process = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=log)
+        started = time.time()
+        try:
+            while process.poll() is None and time.time() - started < timeout:
+                if condition():
+                    process.send_signal(signal.SIGKILL)
+                    process.wait()
+                    return ''
+                time.sleep(0.005)
+        finally:
+            if process.poll() is None:
+                process.kill()
+            process.wait()
+    with open(log_path) as log:
+        return f'not killed (exit {process.returncode}): {log.read()[-2000:]}'
 
 
-def growth_logged(workdir):
+def logged(workdir, text):
     path = os.path.join(workdir, 'metrics.jsonl')
-    return os.path.exists(path) and '"split": "growth"' in open(path).read()
+    return os.path.exists(path) and text in open(path).read()
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('when', ['before', 'just_after'])
+@pytest.mark.parametrize('when', ['before', 'during', 'just_after'])
 def test_sigkill_around_the_growth_then_resume_gives_the_same_numbers(tiny_lm, tmp_path, when):
     config = tiny_lm()
     straight = train.train_and_evaluate(config, str(tmp_path / 'straight'))
@@ -200,9 +202,12 @@ def test_sigkill_around_the_growth_then_resume_gives_the_same_numbers(tiny_lm, t
     flags = as_flags(config)
     if when == 'before':  # the first async save (step 2 of 6 before growth) is under way
         condition = lambda: glob.glob(os.path.join(workdir, 'checkpoints', '*tmp*'))  # noqa: E731
+    elif when == 'during':  # step 6 is logged, the growth (evaluations, expand) is under way
+        condition = lambda: logged(workdir, '"step": 6, "split": "train"')  # noqa: E731
     else:  # the growth row is written: the grown state's checkpoint (step 6) is not yet complete
-        condition = lambda: growth_logged(workdir)  # noqa: E731
-    assert run_until(main_command(flags, workdir), workdir, condition)
+        condition = lambda: logged(workdir, '"split": "growth"')  # noqa: E731
+    why = run_until(main_command(flags, workdir), condition, tmp_path / 'killed.log')
+    assert not why, why
     saved = sorted(int(os.path.basename(p)) for p in glob.glob(os.path.join(workdir, 'checkpoints', '[0-9]*'))
                    if os.path.basename(p).isdigit())
     assert not saved or max(saved) < 12
