@@ -733,6 +733,33 @@ def verdict(results: dict[str, dict], scales: Sequence[Scale]) -> str:
     return 'Verdict: ' + '; '.join(parts) + '.'
 
 
+def across_scales(scales: Sequence[Scale], results: dict[str, dict]) -> str:
+    """One row per arm, one column per scale: FLOPs to the target (or the final-loss gap to the big model)."""
+    run = [scale for scale in scales if results.get(scale.name)]
+    if len(run) < 2:
+        return ''
+    lines = ['## Across scales', '',
+             'FLOPs to the big model\'s final loss as a fraction of its FLOPs (mean over seeds), or, where not '
+             'reached, the arm\'s final validation loss minus the big model\'s.', '',
+             '| arm | ' + ' | '.join(f'{s.name} ({s.small[0]}x{s.small[1]} -> {s.big[0]}x{s.big[1]})' for s in run) + ' |',
+             '|---|' + '---|' * len(run)]
+    for arm in arms_for(run[0]):
+        if arm.name == 'big':
+            continue
+        cells = []
+        for scale in run:
+            s = results[scale.name].get(arm.name)
+            if s is None:
+                cells.append('not run')
+            elif s['flops_to_target'] is not None:
+                cells.append(f'{s["flops_to_target"][0]:.0%} ({s["seeds"]} seed{"s" if s["seeds"] > 1 else ""})')
+            else:
+                cells.append(f'not reached, {s["final"][0] - s["target"]:+.3f}')
+        lines.append(f'| {"small model alone" if arm.name == "small" else arm.label.split(" (")[0]} | '
+                     + ' | '.join(cells) + ' |')
+    return '\n'.join(lines) + '\n'
+
+
 def write_page(scales: Sequence[Scale], workdir: str, page: str, *, seeds: int = 3, command: str = '',
                quick: bool = False) -> str:
     runs = stored_runs(workdir, scales, seeds)
@@ -758,7 +785,10 @@ def write_page(scales: Sequence[Scale], workdir: str, page: str, *, seeds: int =
                   f'Train-step FLOPs (XLA): small {per_arm.get("small", [{}])[0].get("step_flops", {}).get("small", math.nan):.3g}, '
                   f'big {b0["step_flops"]["big"]:.3g}; the big model\'s whole run {b0["total_flops"]:.3g} FLOPs. '
                   f'Target = the big model\'s final validation loss, mean over {len(big)} seed(s): '
-                  f'**{summary["big"]["target"]:.4f}** nats/byte ({_fmt(summary["big"]["final"], digits=4)}).', '']
+                  f'**{summary["big"]["target"]:.4f}** nats/byte ({_fmt(summary["big"]["final"], digits=4)})'
+                  + (f'; seed-to-seed std of that final loss {np.std([final_val(r) for r in big], ddof=1):.4f} '
+                     '(single-seed gaps below about twice this are within seed noise)' if len(big) > 1 else '')
+                  + '. "loss - big at equal FLOPs" < 0: the arm is better.', '']
         lines += ['| arm | seeds | growth FLOPs | FLOPs to target (fraction of big; 95% t) | bootstrap 95% | '
                   'wall to target (fraction) | run FLOPs (fraction) | final val loss | loss - big at equal FLOPs | '
                   'spike after growth (val) | steps to recover |',
@@ -801,6 +831,7 @@ def write_page(scales: Sequence[Scale], workdir: str, page: str, *, seeds: int =
                   'so wall times are noisy; FLOPs are the primary axis.', '']
         sections.append('\n'.join(lines))
 
+    sections.append(across_scales(scales, results))
     log = invocations(workdir)
     header = [
         '# Growing a GPT during training: FLOPs to the big model\'s loss' + (' (quick smoke run)' if quick else ''),
