@@ -798,7 +798,10 @@ def write_page(scales: Sequence[Scale], workdir: str, page: str, *, seeds: int =
                 lines.append(f'| {arm.label} | 0 | | not run yet | | | | | | | |')
                 continue
             s, run = summary[name], per_arm[name][0]
-            if s['flops_to_target'] is not None:
+            if name == 'big':
+                to, wall = 'the reference (100%; its seeds end around the target)', '—'
+                s = dict(s, bootstrap=None)
+            elif s['flops_to_target'] is not None:
                 to = _fmt(s['flops_to_target'], percent=True)
                 wall = _fmt(s['wall_to_target'], percent=True)
             else:
