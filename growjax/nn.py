@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from typing import Sequence
+from typing import Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -130,13 +130,68 @@ class NormScale(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        if any(size <= 0 for size in self.group_sizes):
-            raise ValueError(f'NormScale: group sizes must be positive, got {tuple(self.group_sizes)}.')
-        outputs = []
-        for i, (size, group) in enumerate(zip(self.group_sizes, l2_normalize_groups(x, self.group_sizes))):
-            scale = self.param(f'scale_{i}', nn.initializers.constant(self.scale_init), (size,), jnp.float32)
-            outputs.append(group * scale.astype(group.dtype))
-        return jnp.concatenate(outputs, axis=-1)
+        sizes = norm_scale_sizes(self.group_sizes)
+        scales = [self.param(f'scale_{i}', nn.initializers.constant(self.scale_init), (size,), jnp.float32)
+                  for i, size in enumerate(sizes)]
+        return norm_scale(x, sizes, scales)
+
+
+def norm_scale_sizes(group_sizes: Sequence[int]) -> tuple[int, ...]:
+    """NormScale's group sizes, checked (positive, at least one); its scales are `scale_<i>` of these sizes."""
+    sizes = tuple(int(size) for size in group_sizes)
+    if not sizes or any(size <= 0 for size in sizes):
+        raise ValueError(f'NormScale: group sizes must be positive, got {tuple(group_sizes)}.')
+    return sizes
+
+
+def norm_scale(x: jax.Array, group_sizes: Sequence[int], scales: Sequence[jax.Array]) -> jax.Array:
+    """NormScale's computation, for every module that holds its scales (linen NormScale above, NNX
+    growjax.nnx_surgery.NormScale): each group of the last axis L2-normalised (l2_normalize_groups)
+    and multiplied by its own per-unit scale."""
+    groups = l2_normalize_groups(x, group_sizes)
+    return jnp.concatenate([group * jnp.asarray(scale).astype(group.dtype) for group, scale in zip(groups, scales)],
+                           axis=-1)
+
+
+def norm_scale_groups(norm: Callable[[jax.Array], jax.Array], groups: Sequence[jax.Array]) -> list[jax.Array]:
+    """[old, new, ...] feature groups through a NormScale `norm` over their concatenation, split again."""
+    sizes = [g.shape[-1] for g in groups]
+    dtype = jnp.result_type(*groups)
+    merged = norm(jnp.concatenate([g.astype(dtype) for g in groups], axis=-1))
+    return jnp.split(merged, list(itertools.accumulate(sizes))[:-1], axis=-1)
+
+
+# ---------------------------------------------------------------------------------------------
+# LoRA (Hu et al. 2021): one definition for growjax's fc head (models.head.LoRADense) and for
+# growjax.surgery's LoRA operation in both back-ends.
+
+
+def lora_shapes(fan_in: int, out_shape: Sequence[int], rank: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """The shapes of A (fan_in, rank) and B (rank, prod(out_shape)). A starts as lecun_normal_flat
+    (float32), B at zero: the adapted layer computes what it did."""
+    return (fan_in, rank), (rank, math.prod(out_shape))
+
+
+def lora_delta(x: jax.Array, a: jax.Array, b: jax.Array, axes: Sequence[int], out_shape: Sequence[int],
+               dtype=None) -> jax.Array:
+    """(x A) B: what LoRA adds to a layer that contracts `axes` of `x` and outputs `out_shape` per
+    position; computed in `dtype` (the layer's; None: promoted from the inputs)."""
+    axes = tuple(sorted(axis % x.ndim for axis in axes))
+    x_flat = jnp.moveaxis(x, axes, tuple(range(x.ndim - len(axes), x.ndim)))
+    x_flat = x_flat.reshape(*x_flat.shape[:x.ndim - len(axes)], -1)
+    x_flat, a, b = nn.dtypes.promote_dtype(x_flat, a, b, dtype=dtype)
+    return ((x_flat @ a) @ b).reshape(*x_flat.shape[:-1], *out_shape)
+
+
+def lora(module: nn.Module, x: jax.Array, axes: Sequence[int], out_shape: Sequence[int], rank: int, suffix: str = '',
+         dtype=None) -> jax.Array:
+    """LoRA's parameters `lora_a<suffix>`, `lora_b<suffix>` in the scope of the linen `module` (inside
+    its compact call) and the update (x A) B they add to its output."""
+    fan_in = math.prod(x.shape[axis % x.ndim] for axis in axes)
+    a_shape, b_shape = lora_shapes(fan_in, out_shape, rank)
+    a = module.param('lora_a' + suffix, lecun_normal_flat, a_shape, jnp.float32)
+    b = module.param('lora_b' + suffix, nn.initializers.zeros, b_shape, jnp.float32)
+    return lora_delta(x, a, b, axes, out_shape, dtype)
 
 
 SCALE_MODES = ('group', 'first')

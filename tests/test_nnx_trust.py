@@ -346,7 +346,7 @@ def test_insert_after_and_preserving_the_function_need_a_sample_to_check_it_on()
 
 def test_an_inserted_block_that_cannot_train_is_an_error():
     with pytest.raises(surgery.SurgeryError, match=r'InsertAfter\(fc2, block=relu_block\): fc2/inserted/layers/2 '
-                                                   r'starts at zero and gets no gradient.*flat part of an activation '
+                                                   r'starts at zero but gets no gradient.*flat part of an activation '
                                                    r'\(e\.g\. ReLU at 0\).*zero=') as info:
         nnx_surgery.grow(ReluMLP(rngs=nnx.Rngs(0)), surgery.InsertAfter('fc2', block=relu_block), rngs=nnx.Rngs(1),
                          sample=(FEATURES,))

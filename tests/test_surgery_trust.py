@@ -150,7 +150,7 @@ def test_heads_on_a_fused_qkv_attention(attention, op):
 
 def test_a_fused_layout_it_cannot_read_is_refused(lm):
     model, pretrained = lm
-    with pytest.raises(surgery.SurgeryError, match=r"c_attn has 48 features.*head_dim="):
+    with pytest.raises(surgery.SurgeryError, match=r"c_attn has 48 output features.*head_dim="):
         grow(model, pretrained, [surgery.AddHeads('h_0/attn', heads=1, qkv='c_attn', out='c_proj', causal=True,
                                                   head_dim=5)])
     with pytest.raises(surgery.SurgeryError, match=r"must call its 'qkv' projection before 'c_proj'"):
@@ -292,3 +292,48 @@ def test_linen_report_on_an_nnx_model_points_to_nnx_surgery():
         surgery.check_function(model, {}, model, {}, jnp.ones((1, 4)))
     with pytest.raises(surgery.SurgeryError, match='nnx_surgery.report'):
         surgery.report(model, {}, {}, jnp.ones((1, 4)))
+
+
+# ---------------------------------------------------------------------------------------------
+# One rule for both back-ends (growjax/surgery/ops.py)
+
+
+class MaskedAttention(nn.Module):
+    """timm's way: the mask under another name than `mask`."""
+    num_heads: int = 2
+
+    @nn.compact
+    def __call__(self, x, attn_mask=None):
+        width = x.shape[-1]
+        heads = lambda t: t.reshape(*t.shape[:-1], self.num_heads, width // self.num_heads)
+        q, k, v = (heads(nn.Dense(width, name=name)(x)) for name in ('query', 'key', 'value'))
+        return nn.Dense(width, name='out')(nn.dot_product_attention(q, k, v, mask=attn_mask).reshape(x.shape))
+
+
+class MaskedLM(nn.Module):
+    @nn.compact
+    def __call__(self, tokens):
+        x = nn.Embed(40, 16, name='wte')(tokens)
+        mask = nn.make_attention_mask(tokens > 0, tokens > 0)
+        return nn.Dense(40, name='lm_head')(x + MaskedAttention(name='attn')(x, attn_mask=mask))
+
+
+def test_a_mask_under_another_name_is_refused_as_in_nnx():
+    model = MaskedLM()
+    pretrained = model.init(jax.random.key(1), TOKENS)
+    with pytest.raises(surgery.SurgeryError, match=r"AddHeads\(attn.*attn is called with attn_mask=, a mask the new "
+                                                   r"heads would not apply"):
+        grow(model, pretrained, [surgery.AddHeads('attn', heads=1, causal=False)])
+
+
+def test_a_stacked_copy_changes_the_function_by_design_as_in_nnx(lm):
+    """InsertAfter(residual=False) without zero= claims nothing (G_stack): grown, and reported as
+    changing the function; under preserve_function it is an error naming it."""
+    model, pretrained = lm
+    op = surgery.InsertAfter('h_1', block='copy', residual=False)
+    grown_model, grown = grow(model, pretrained, [op])
+    np.testing.assert_array_equal(grown['params']['h_1_inserted']['fc']['kernel'],
+                                  pretrained['params']['h_1']['fc']['kernel'])
+    assert surgery.report(grown_model, pretrained, grown, TOKENS).changes_function == (surgery.describe(op),)
+    with pytest.raises(surgery.SurgeryError, match=r'InsertAfter\(h_1, residual=False\): .*stacks the block'):
+        grow(model, pretrained, [op], preserve=True)

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from growjax.models.growth import Growth, GrowthError, check_layer_names
-from growjax.nn import MultiInputDense, NormScale, lecun_normal_flat
+from growjax.nn import MultiInputDense, NormScale, lecun_normal_flat, lora
 
 WIDENABLE = ('fc6', 'fc7')
 DEEPENABLE = ('fc7',)
@@ -27,6 +27,7 @@ class LoRADense(nn.Module):
     `kernel`/`bias` sit where nn.Dense puts them, so a pretrained Dense grafts unchanged and the
     adapters `lora_a` (in, rank; fan-in scaled random) and `lora_b` (rank, out; zeros) are new
     paths: the layer computes the pretrained function at init and regimes see them as new leaves.
+    The adapters are growjax.nn.lora's, as growjax.surgery.LoRA adds them to any model's Dense.
     """
     features: int
     rank: int
@@ -36,10 +37,9 @@ class LoRADense(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         kernel = self.param('kernel', lecun_normal_flat, (x.shape[-1], self.features), jnp.float32)
         bias = self.param('bias', nn.initializers.zeros, (self.features,), jnp.float32)
-        lora_a = self.param('lora_a', lecun_normal_flat, (x.shape[-1], self.rank), jnp.float32)
-        lora_b = self.param('lora_b', nn.initializers.zeros, (self.rank, self.features), jnp.float32)
-        x, kernel, bias, lora_a, lora_b = nn.dtypes.promote_dtype(x, kernel, bias, lora_a, lora_b, dtype=self.dtype)
-        return x @ kernel + bias + (x @ lora_a) @ lora_b
+        delta = lora(self, x, (-1,), (self.features,), self.rank, dtype=self.dtype)
+        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+        return x @ kernel + bias + delta
 
 
 def _identity_init(key, shape, dtype=jnp.float32):

@@ -46,9 +46,6 @@ from __future__ import annotations
 
 import contextvars
 import dataclasses
-import difflib
-import inspect
-import math
 import re
 from typing import Any, Callable, Mapping, Sequence
 
@@ -56,205 +53,14 @@ import flax.linen as nn
 from flax import errors as flax_errors
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from growjax.errors import UserError
-from growjax.grow import (GraftError, Path, compile_patterns, flatten, graft_plan, grow_params, matches_any,
-                          path_str, unflatten)
-from growjax.nn import NormScale, lecun_normal_flat
-
-
-class SurgeryError(UserError):
-    """An operation that cannot apply: no module matches, a module of an unsupported kind, shapes."""
-
-
-# ---------------------------------------------------------------------------------------------
-# Operations
-
-
-def _compile(pattern: str, what: str) -> re.Pattern:
-    if not isinstance(pattern, str) or not pattern:
-        raise SurgeryError(f'{what}: expected a regex over module paths such as "block1/mlp/fc1", got {pattern!r}.')
-    try:
-        return re.compile(pattern)
-    except re.error as err:
-        raise SurgeryError(f'{what}: {pattern!r} is not a valid regex: {err}') from None
-
-
-def _positive(value, what: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise SurgeryError(f'{what} must be a positive integer, got {value!r}.')
-
-
-@dataclasses.dataclass(frozen=True)
-class Widen:
-    """WA on any model: `units` new units beside `module` (Dense, DenseGeneral over the last axis, or
-    Conv), fed by its input, through `activation`, read by every module matching `into`.
-
-    `through`: regexes of modules that lie between `module` and its consumers and act per unit
-    (e.g. a ResNet's BatchNorm): the new units pass through a copy of each, as the old ones pass
-    through the original. Whatever else the model does between the two (dropout, a residual sum) is
-    not applied to the new units. norm_scale: the paper's NormScale where old and new units meet
-    the consumer ("grow"; False is its "ori"); scale_init is gamma's initial value.
-    """
-    module: str
-    units: int
-    into: str
-    activation: Callable[[jax.Array], jax.Array] | None = nn.relu
-    through: tuple[str, ...] = ()
-    norm_scale: bool = True
-    scale_init: float = 10.0
-
-    def __post_init__(self):
-        _compile(self.module, 'Widen.module')
-        _compile(self.into, 'Widen.into')
-        _positive(self.units, 'Widen.units')
-        if isinstance(self.through, str):
-            object.__setattr__(self, 'through', (self.through,))
-        for pattern in self.through:
-            _compile(pattern, 'Widen.through')
-        if self.scale_init <= 0:
-            raise SurgeryError(f'Widen.scale_init must be positive, got {self.scale_init}.')
-
-
-@dataclasses.dataclass(frozen=True)
-class AddHeads:
-    """`heads` new attention heads beside the attention `module`.
-
-    The module is a `nn.MultiHeadDotProductAttention`, or a user's attention whose query, key,
-    value and output projections are children named by `query`, `key`, `value`, `out`
-    (DenseGeneral with (heads, head_dim) features, or Dense with `head_dim` given), or whose one
-    fused projection `qkv` (a Dense of 3 x heads x head_dim features: nanoGPT's `c_attn`, timm's
-    `qkv`) feeds all three. The new heads have their own query/key/value projections of the same
-    input, so the fused layout's order does not matter to them.
-
-    causal: whether the new heads may look only at earlier positions. None (default) decides it
-    only where it can be seen: flax's attention modules never mask by themselves, so their new
-    heads take the call's `mask` as it is; a user's attention given a `mask` argument shares that
-    mask; a user's attention called without one may build a causal mask inside (nanoGPT), which
-    growjax cannot see, so it is an error asking for causal=True or False (a default either way
-    would let the new heads of a decoder see future tokens, or blind those of an encoder).
-    norm_scale: NormScale over [old heads, new heads] where the output projection reads them;
-    preserving the function, their output projection starts at zero.
-    """
-    module: str
-    heads: int
-    norm_scale: bool = True
-    scale_init: float = 10.0
-    head_dim: int | None = None
-    causal: bool | None = None
-    query: str = 'query'
-    key: str = 'key'
-    value: str = 'value'
-    out: str = 'out'
-    qkv: str | None = None
-
-    def __post_init__(self):
-        _compile(self.module, 'AddHeads.module')
-        _positive(self.heads, 'AddHeads.heads')
-        if self.head_dim is not None:
-            _positive(self.head_dim, 'AddHeads.head_dim')
-        if self.scale_init <= 0:
-            raise SurgeryError(f'AddHeads.scale_init must be positive, got {self.scale_init}.')
-        if self.causal not in (None, True, False):
-            raise SurgeryError(f'AddHeads.causal must be True, False or None, got {self.causal!r}.')
-        if self.qkv is not None and (not isinstance(self.qkv, str) or not self.qkv or '/' in self.qkv):
-            raise SurgeryError(f"AddHeads.qkv names the attention's fused projection child (e.g. 'c_attn'), got "
-                               f'{self.qkv!r}.')
-
-    @property
-    def projections(self) -> dict[str, str]:
-        """{child name: role} of the projections that feed the new heads: the fused one, or q/k/v."""
-        if self.qkv is not None:
-            return {self.qkv: 'qkv'}
-        return {self.query: 'query', self.key: 'key', self.value: 'value'}
-
-
-def resolve_causal(op: AddHeads, path: str, library_attention: bool, mask) -> bool:
-    """Whether the new heads of `op` at `path` are causal (AddHeads.causal's rule, for both back-ends).
-
-    library_attention: flax's own attention module (linen MultiHeadDotProductAttention, NNX
-    MultiHeadAttention), which masks only with the mask it is given. mask: the call's mask argument."""
-    if op.causal is not None:
-        return op.causal
-    if library_attention or mask is not None:
-        return False
-    raise SurgeryError(f'{describe(op)}: {path} is called without a mask argument, so growjax cannot see whether it '
-                       'masks future positions inside (a decoder such as nanoGPT does): pass causal=True for a causal '
-                       'attention, causal=False for one that sees every position.')
-
-
-COPY = 'copy'
-
-
-@dataclasses.dataclass(frozen=True)
-class InsertAfter:
-    """A new block after `module`, in the module's parent (which must be a compact module).
-
-    block: a function returning a linen module (it is called with the module's output and the
-    same other arguments the module got), or 'copy': a copy of the module, initialised from its
-    pretrained weights (stacking; grow_params copies them). residual: the block is a residual
-    branch, out = y + block(y), and its last layer with a kernel starts at zero, so the network
-    starts as before; residual=False replaces y by block(y) (for blocks that hold their own
-    residual connections, e.g. a pre-LN transformer block; pass `zero` to start them as the
-    identity). zero: a regex over module paths inside the block whose parameters start at zero
-    (default with residual: the last layer).
-    """
-    module: str
-    block: Callable[[], nn.Module] | str = COPY
-    residual: bool = True
-    zero: str | None = None
-
-    def __post_init__(self):
-        _compile(self.module, 'InsertAfter.module')
-        if self.block != COPY and not callable(self.block):
-            raise SurgeryError(f"InsertAfter.block must be a function returning a linen module, or 'copy'; got "
-                               f'{self.block!r}.')
-        if self.zero is not None:
-            _compile(self.zero, 'InsertAfter.zero')
-
-
-@dataclasses.dataclass(frozen=True)
-class Deepen:
-    """The paper's DA on any model: a new Dense layer of `units` between the input of `module`
-    (e.g. the classifier) and the module, followed by `activation`. The module then reads `units`
-    features: re-initialise it (e.g. reinit='^head/') unless units equals its input width.
-    Preserving the function, the new layer starts as the identity (units must equal the input
-    width; with a ReLU-like activation that holds where the features are non-negative)."""
-    module: str
-    units: int
-    activation: Callable[[jax.Array], jax.Array] | None = nn.relu
-
-    def __post_init__(self):
-        _compile(self.module, 'Deepen.module')
-        _positive(self.units, 'Deepen.units')
-
-
-@dataclasses.dataclass(frozen=True)
-class LoRA:
-    """Low-rank adapters (Hu et al. 2021) on Dense / DenseGeneral modules: y = x W + b + (x A) B with
-    `lora_a` (fan-in scaled random) and `lora_b` (zeros) in the module's scope, so the function
-    is kept at init. The parameter-efficient alternative to growth."""
-    module: str
-    rank: int
-
-    def __post_init__(self):
-        _compile(self.module, 'LoRA.module')
-        _positive(self.rank, 'LoRA.rank')
-
-
-Operation = Widen | AddHeads | InsertAfter | Deepen | LoRA
-_OPERATIONS = (Widen, AddHeads, InsertAfter, Deepen, LoRA)
-
-
-def describe(op: Operation) -> str:
-    """'Widen(block1/mlp/fc1, units=32, into=block1/mlp/fc2)': for reports and errors."""
-    shown = {}
-    for field in dataclasses.fields(op):
-        value = getattr(op, field.name)
-        if field.name != 'module' and value != field.default:
-            shown[field.name] = getattr(value, '__name__', type(value).__name__) if callable(value) else value
-    return f'{type(op).__name__}({op.module}' + ''.join(f', {k}={v}' for k, v in shown.items()) + ')'
+from growjax.grow import GraftError, Path, compile_patterns, flatten, graft_plan, grow_params, matches_any, path_str, \
+    unflatten
+from growjax.nn import NormScale, lecun_normal_flat, lora, norm_scale_groups
+from growjax.surgery import ops as O
+from growjax.surgery.ops import (COPY, AddHeads, Deepen, InsertAfter, LoRA, Operation, SurgeryError, Widen, describe,
+                                 resolve_causal)
+from growjax.surgery.report import Report
 
 
 # ---------------------------------------------------------------------------------------------
@@ -296,10 +102,6 @@ def _conv_like(module: nn.Conv, features: int, name: str, *, use_bias: bool, ker
                    kernel_init=kernel_init or module.kernel_init, bias_init=module.bias_init, name=name, parent=module)
 
 
-def _kind(module: nn.Module) -> str:
-    return f'{type(module).__module__}.{type(module).__qualname__}'
-
-
 # ---------------------------------------------------------------------------------------------
 # One call of the grown model
 
@@ -319,12 +121,9 @@ class _Record:
 _RECORD: contextvars.ContextVar[_Record | None] = contextvars.ContextVar('growjax_surgery_record', default=None)
 # Indices of operations a call leaves out (the growth checks compare the model with and without them).
 _SKIP: contextvars.ContextVar[frozenset[int]] = contextvars.ContextVar('growjax_surgery_skip', default=frozenset())
-
-
-def _suffix(count: int) -> str:
-    """'' for the first of a kind on one module, then '2', '3', ...: names stay stable when a later
-    growth round appends operations."""
-    return '' if count == 0 else str(count + 1)
+# When set, each inserted block's input and output by (operation index, path), for the error that
+# says why a block does not start as the identity (ops.check_claims).
+_PROBE: contextvars.ContextVar[dict | None] = contextvars.ContextVar('growjax_surgery_probe', default=None)
 
 
 class _Call:
@@ -337,17 +136,7 @@ class _Call:
         self.skip = _SKIP.get()
         self.pending: dict[int, tuple[str, jax.Array]] = {}  # Widen op -> (producer name, new units)
         self.heads_inputs: dict[tuple[int, str], dict[str, Any]] = {}  # (AddHeads op, attention path) -> inputs
-        self.names = self._names()
-
-    def _names(self) -> dict[int, str]:
-        """The suffix of each operation's new parts: its rank among same-kind operations on one pattern."""
-        counts: dict[tuple[type, str], int] = {}
-        names = {}
-        for index, op in enumerate(self.ops):
-            key = (type(op), op.module)
-            names[index] = _suffix(counts.get(key, 0))
-            counts[key] = counts.get(key, 0) + 1
-        return names
+        self.names = dict(enumerate(O.suffixes(self.ops)))
 
     # -- dispatch
 
@@ -393,10 +182,8 @@ class _Call:
         for index, (producer, _) in self.pending.items():
             op = self.ops[index]
             if not any(i == index and role == 'consumer' for i, role in self.record.matched):
-                raise SurgeryError(f'{describe(op)}: into={op.into!r} matches no module that was called. '
-                                   f'{_suggest(op.into, self.record.seen)}')
-            raise SurgeryError(f'{describe(op)}: the new units of {producer} were not read by any module matching '
-                               f'into={op.into!r} after it; modules called: {_sample(self.record.seen)}.')
+                raise O.no_match(op, op.into, self.record.seen, 'into=')
+            raise O.not_read(op, producer, self.record.seen)
 
     # -- Widen
 
@@ -409,11 +196,10 @@ class _Call:
         elif _plain_conv(module):
             plus = _conv_like(module, op.units, name, use_bias=module.use_bias)
         else:
-            raise SurgeryError(f'{describe(op)}: {path} is a {_kind(module)}; Widen grows Dense, DenseGeneral over '
+            raise SurgeryError(f'{describe(op)}: {path} is a {O.kind(module)}; Widen grows Dense, DenseGeneral over '
                                'the last axis, and Conv (no feature groups).')
         if index in self.pending:
-            raise SurgeryError(f'{describe(op)}: {path} was called again before a module matching '
-                               f'into={op.into!r} read its new units.')
+            raise O.called_again(op, path)
         self.pending[index] = (module.name + '_' + name, plus(x))
         return call(*args, **kwargs)
 
@@ -430,7 +216,7 @@ class _Call:
             return call(*args, **kwargs)
         path = '/'.join(module.path)
         producer, units = self.pending.pop(index)
-        units = activated_units(op, path, producer, args[0], units)
+        units = O.activated_units(op, path, producer, args[0], units)
         old = args[0]
         if self.preserve or not op.norm_scale:
             scaled_old, scaled_new = old, units
@@ -444,7 +230,7 @@ class _Call:
         elif _plain_conv(module):
             fan_in = _conv_like(module, module.features, fan_in_name, use_bias=False, kernel_init=zero)
         else:
-            raise SurgeryError(f'{describe(op)}: consumer {path} is a {_kind(module)}; Widen feeds Dense, '
+            raise SurgeryError(f'{describe(op)}: consumer {path} is a {O.kind(module)}; Widen feeds Dense, '
                                'DenseGeneral over the last axis, and Conv (no feature groups).')
         return y + fan_in(scaled_new).astype(y.dtype)
 
@@ -452,12 +238,11 @@ class _Call:
 
     def _attention(self, index: int, op: AddHeads, module: nn.Module, call, *args, **kwargs):
         path = '/'.join(module.path)
-        if getattr(module, 'decode', False):
-            raise SurgeryError(f'{describe(op)}: {path} decodes with a cache (decode=True); add heads to the '
-                               'model used for training, not to its decoding copy.')
+        given = O.call_arguments(type(module).__call__, (module, *args), kwargs)
+        O.attention_call(op, path, module, given)
         library = isinstance(module, nn.MultiHeadDotProductAttention)
-        state = {'module': module, 'mask': _call_argument(module, 'mask', args, kwargs), 'kwargs': kwargs}
-        state['causal'] = resolve_causal(op, path, library, state['mask'])
+        state = {'module': module, 'mask': given.get('mask'), 'kwargs': kwargs}
+        state['causal'] = resolve_causal(op, path, library, state['mask'], bool(given.get('is_causal', False)))
         self.heads_inputs[(index, path)] = state
         return call(*args, **kwargs)
 
@@ -475,17 +260,12 @@ class _Call:
         attention_path = '/'.join(module.path[:-1])
         state = self.heads_inputs.pop((index, attention_path), None)
         if state is None or not all(role in state for role in ('query', 'key', 'value')):
-            called = sorted(k for k in (state or {}) if k in ('query', 'key', 'value'))
-            raise SurgeryError(f'{describe(op)}: {attention_path} must call its '
-                               f'{" and ".join(repr(name) for name in op.projections)} projection'
-                               f'{"s" if len(op.projections) > 1 else ""} before {op.out!r}; found {called}.')
+            raise O.projections_not_called(op, attention_path, [k for k in state or {} if k in ('query', 'key',
+                                                                                             'value')])
         attention = state['module']
         query_module, query_in = state['query']
         old = args[0]
-        if state.get('fused'):
-            head_dim, old_heads, flat = _fused_heads_layout(op, attention, query_module, old)
-        else:
-            head_dim, old_heads, flat = _heads_layout(op, attention, query_module, module, old)
+        old_heads, head_dim, flat = _heads_layout(op, attention, query_module, old, state.get('fused', False))
         suffix = self.names[index]
         mask = state['mask']
         deterministic = state['kwargs'].get('deterministic')
@@ -501,8 +281,8 @@ class _Call:
             bias_init=query_module.bias_init, dtype=query_module.dtype, param_dtype=query_module.param_dtype,
             name='extra_heads' + suffix, parent=attention,
         )(query_in, state['key'][1], state['value'][1], mask, deterministic)  # [..., L, k, d]
-        old_flat = old.reshape(*old.shape[:-2], old_heads * head_dim) if not flat else old
-        new_flat = new.reshape(*new.shape[:-2], op.heads * head_dim)
+        old_flat = O.merge_heads(old, flat, old_heads, head_dim)
+        new_flat = O.merge_heads(new, False, op.heads, head_dim)
         if not self.preserve and op.norm_scale:
             old_flat, new_flat = _norm_scale(module, [old_flat, new_flat], op.scale_init, 'norm' + suffix)
         y = call(old_flat if flat else old_flat.reshape(old.shape), *args[1:], **kwargs)
@@ -523,9 +303,7 @@ class _Call:
     def _insert_after(self, index: int, op: InsertAfter, module: nn.Module, call, *args, **kwargs):
         y = call(*args, **kwargs)
         path = '/'.join(module.path)
-        if not isinstance(y, jax.Array):
-            raise SurgeryError(f'{describe(op)}: {path} returns a {type(y).__name__}, not an array: insert after a '
-                               'module that returns one array.')
+        O.block_output(op, path, y, None)
         if module.parent is None or not isinstance(module.parent, nn.Module):
             raise SurgeryError(f'{describe(op)}: {path} has no parent module to hold the new block.')
         name = f'{module.name}_inserted{self.names[index]}'
@@ -539,9 +317,10 @@ class _Call:
         new_path = (*module.parent.path, name)
         start = len(self.record.seen)
         out = bound(y, *args[1:], **kwargs)
-        if out.shape != y.shape:
-            raise SurgeryError(f'{describe(op)}: the new block maps shape {y.shape} to {out.shape}; a block inserted '
-                               'after a module must keep its output shape.')
+        O.block_output(op, path, y, out)
+        probe = _PROBE.get()
+        if probe is not None:
+            probe.setdefault((index, path), (y, out))
         if op.block == COPY:
             self.record.copies[new_path] = tuple(module.path)
         inside = [p for p in self.record.seen[start:] if p.startswith(path_str(new_path) + '/')]
@@ -551,20 +330,18 @@ class _Call:
         elif op.residual:
             kernel_modules = [p for p in inside if _has_kernel(bound, p[len(path_str(new_path)) + 1:])]
             if not kernel_modules:
-                raise SurgeryError(f'{describe(op)}: the new block has no layer with a kernel to start at zero; pass '
-                                   'zero=REGEX or residual=False.')
+                raise O.no_kernel_to_zero(op)
             self.record.zero[tuple(kernel_modules[-1].split('/'))] = index
         return y + out if op.residual else out
 
     def _deepen(self, index: int, op: Deepen, module: nn.Module, call, *args, **kwargs):
         path = '/'.join(module.path)
         if not _last_axis_dense(module):
-            raise SurgeryError(f'{describe(op)}: {path} is a {_kind(module)}; Deepen puts a Dense layer before a '
+            raise SurgeryError(f'{describe(op)}: {path} is a {O.kind(module)}; Deepen puts a Dense layer before a '
                                'Dense or DenseGeneral over the last axis.')
         x = args[0]
         if self.preserve and op.units != x.shape[-1]:
-            raise SurgeryError(f'{describe(op)}: preserving the function needs units equal to the input width of '
-                               f'{path} ({x.shape[-1]}) so the new layer can start as the identity; got {op.units}.')
+            raise O.needs_identity_width(op, path, x.shape[-1])
         if module.parent is None:
             raise SurgeryError(f'{describe(op)}: {path} has no parent module to hold the new layer.')
         identity = (lambda key, shape, dtype=jnp.float32: jnp.eye(shape[0], shape[1], dtype=dtype))
@@ -578,32 +355,12 @@ class _Call:
     def _lora(self, index: int, op: LoRA, module: nn.Module, call, *args, **kwargs):
         path = '/'.join(module.path)
         if not isinstance(module, (nn.Dense, nn.DenseGeneral)) or getattr(module, 'batch_dims', ()):
-            raise SurgeryError(f'{describe(op)}: {path} is a {_kind(module)}; LoRA adapts Dense and DenseGeneral.')
+            raise SurgeryError(f'{describe(op)}: {path} is a {O.kind(module)}; LoRA adapts Dense and DenseGeneral.')
         y = call(*args, **kwargs)
         x = args[0]
         axes = (-1,) if isinstance(module, nn.Dense) else _axes(module.axis)
-        axes = tuple(sorted(a % x.ndim for a in axes))
-        x_flat = jnp.moveaxis(x, axes, tuple(range(x.ndim - len(axes), x.ndim)))
-        x_flat = x_flat.reshape(*x_flat.shape[:x.ndim - len(axes)], -1)
         out_shape = y.shape[x.ndim - len(axes):]
-        suffix = self.names[index]
-        a = module.param('lora_a' + suffix, lecun_normal_flat, (x_flat.shape[-1], op.rank), jnp.float32)
-        b = module.param('lora_b' + suffix, nn.initializers.zeros, (op.rank, math.prod(out_shape)), jnp.float32)
-        x_flat, a, b = nn.dtypes.promote_dtype(x_flat, a, b, dtype=module.dtype)
-        delta = ((x_flat @ a) @ b).reshape(*x_flat.shape[:-1], *out_shape)
-        return y + delta.astype(y.dtype)
-
-
-def activated_units(op: Widen, consumer: str, producer: str, old: jax.Array, units: jax.Array) -> jax.Array:
-    """The new units as the consumer reads them (after the activation), checked against what it
-    reads of the old ones: they must differ only in the feature axis."""
-    units = units if op.activation is None else op.activation(units)
-    if old.shape[:-1] != units.shape[:-1]:
-        raise SurgeryError(
-            f'{describe(op)}: {consumer} reads shape {old.shape}, but the new units of {producer} have shape '
-            f'{units.shape}: the two must differ only in the last (feature) axis, i.e. reach the consumer '
-            'through per-unit operations only (an activation, a BatchNorm named in `through`).')
-    return units
+        return y + lora(module, x, axes, out_shape, op.rank, self.names[index], module.dtype).astype(y.dtype)
 
 
 def _bind(method, index, op, module, call):
@@ -628,66 +385,32 @@ def _has_kernel(block: nn.Module, relative: str) -> bool:
 
 def _norm_scale(module: nn.Module, groups: list[jax.Array], scale_init: float, name: str) -> list[jax.Array]:
     """The paper's NormScale over [old, new, ...] feature groups, as a child `name` of `module`."""
-    sizes = [g.shape[-1] for g in groups]
-    dtype = jnp.result_type(*groups)
-    merged = NormScale(sizes, scale_init=scale_init, name=name, parent=module)(
-        jnp.concatenate([g.astype(dtype) for g in groups], axis=-1))
-    return jnp.split(merged, np.cumsum(sizes)[:-1].tolist(), axis=-1)
+    return norm_scale_groups(NormScale([g.shape[-1] for g in groups], scale_init=scale_init, name=name, parent=module),
+                             groups)
 
 
-def _heads_layout(op: AddHeads, attention: nn.Module, query: nn.Module, out: nn.Module, old: jax.Array,
+def _heads_layout(op: AddHeads, attention: nn.Module, query: nn.Module, old: jax.Array, fused: bool,
                   ) -> tuple[int, int, bool]:
-    """(head_dim, old heads, whether the projections are flat Dense layers) of an attention."""
+    """(old heads, head_dim, whether the projections are flat Dense layers) of an attention whose
+    output projection reads `old`; `query` is the fused projection when `fused`."""
     where = '/'.join(attention.path)
+    count = O.head_count(attention)
+    if fused:
+        if not _last_axis_dense(query):
+            raise SurgeryError(f'{describe(op)}: {where}/{op.qkv} is a {O.kind(query)}; a fused qkv projection is a '
+                               'Dense (or DenseGeneral over the last axis) of 3 x heads x head_dim features.')
+        return (*O.fused_heads(op, where, _out_features(query), count, old.shape[-1]), True)
     if isinstance(query, nn.DenseGeneral) and not isinstance(query.features, int) and len(query.features) == 2:
         heads, head_dim = (int(f) for f in query.features)
         if old.shape[-2:] != (heads, head_dim):
             raise SurgeryError(f'{describe(op)}: {where}/{op.out} reads shape {old.shape}; expected [..., {heads}, '
                                f'{head_dim}] from the (heads, head_dim) query projection.')
-        return head_dim, heads, False
+        return heads, head_dim, False
     if isinstance(query, nn.Dense):
-        head_dim = op.head_dim
-        if head_dim is None and getattr(attention, 'num_heads', None):
-            head_dim = query.features // attention.num_heads
-        if not head_dim or query.features % head_dim or old.shape[-1] != query.features:
-            raise SurgeryError(f'{describe(op)}: {where} projects with Dense layers of {query.features} features: '
-                               'pass head_dim= (features = heads x head_dim).')
-        return head_dim, query.features // head_dim, True
-    raise SurgeryError(f'{describe(op)}: {where}/{op.query} is a {_kind(query)}; AddHeads needs DenseGeneral '
+        return (*O.flat_heads(op, where, 'Dense', query.features, count, old.shape[-1]), True)
+    raise SurgeryError(f'{describe(op)}: {where}/{op.query} is a {O.kind(query)}; AddHeads needs DenseGeneral '
                        'projections with (heads, head_dim) features (as nn.MultiHeadDotProductAttention) or Dense '
                        'ones with head_dim given.')
-
-
-def _fused_heads_layout(op: AddHeads, attention: nn.Module, fused: nn.Module, old: jax.Array) -> tuple[int, int, bool]:
-    """(head_dim, old heads, flat) of an attention whose one Dense `op.qkv` computes [q | k | v]."""
-    where = '/'.join(attention.path)
-    if not _last_axis_dense(fused):
-        raise SurgeryError(f'{describe(op)}: {where}/{op.qkv} is a {_kind(fused)}; a fused projection must be a Dense '
-                           '(or DenseGeneral over the last axis) of 3 x heads x head_dim features.')
-    features = _out_features(fused)
-    width = features // 3
-    head_dim = op.head_dim
-    if head_dim is None:
-        heads = getattr(attention, 'num_heads', None) or getattr(attention, 'n_head', None)
-        head_dim = width // heads if isinstance(heads, int) and heads > 0 and width % heads == 0 else None
-    if features % 3 or not head_dim or width % head_dim:
-        raise SurgeryError(f'{describe(op)}: {where}/{op.qkv} has {features} features; AddHeads(qkv=...) needs 3 x '
-                           'heads x head_dim (pass head_dim=, or give the attention a num_heads field).')
-    if old.shape[-1] != width:
-        raise SurgeryError(f'{describe(op)}: {where}/{op.out} reads {old.shape[-1]} features, not the {width} = '
-                           f'{features} / 3 of one of the q, k, v blocks of {op.qkv}: an unknown fused layout.')
-    return head_dim, width // head_dim, True
-
-
-def _call_argument(module: nn.Module, name: str, args: tuple, kwargs: Mapping):
-    """The value of `module.__call__`'s argument `name` in this call (positional or keyword), or None."""
-    if name in kwargs:
-        return kwargs[name]
-    try:
-        bound = inspect.signature(type(module).__call__).bind_partial(module, *args, **kwargs)
-    except TypeError:
-        return None
-    return bound.arguments.get(name)
 
 
 class _ExtraHeads(nn.Module):
@@ -712,24 +435,11 @@ class _ExtraHeads(nn.Module):
         if self.normalize_qk:
             q = nn.LayerNorm(use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype, name='query_ln')(q)
             k = nn.LayerNorm(use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype, name='key_ln')(k)
-        if mask is not None:
-            mask = mask.astype(jnp.bool_)  # flax's masks are often float (nn.make_causal_mask's default)
-        if self.causal:
-            causal = nn.make_causal_mask(jnp.ones(inputs_q.shape[:-1]), dtype=jnp.bool_)
-            mask = causal if mask is None else nn.combine_masks(mask, causal, dtype=jnp.bool_)
-        if mask is not None and mask.shape[-3] not in (1, self.heads):
-            if not mask.shape[-3]:
-                raise SurgeryError('AddHeads: an empty attention mask.')
-            mask = mask[..., :1, :, :]  # per-head masks of the old heads: the new heads take the first head's
+        mask = O.heads_mask(mask, self.causal, inputs_q.shape[:-1], self.heads)
         if deterministic or not self.dropout_rate:  # the fused kernel where the backend has one
             return jax.nn.dot_product_attention(q, k, v, mask=mask)
         return nn.dot_product_attention(q, k, v, mask=mask, dropout_rng=self.make_rng('dropout'),
                                         dropout_rate=self.dropout_rate, deterministic=False, dtype=self.dtype)
-
-
-def _sample(paths: Sequence[str], limit: int = 12) -> str:
-    unique = list(dict.fromkeys(paths))
-    return ', '.join(unique[:limit]) + (f', ... ({len(unique)} in all)' if len(unique) > limit else '')
 
 
 # ---------------------------------------------------------------------------------------------
@@ -828,89 +538,45 @@ class Grown(nn.Module):
     def check_growth(self, variables: Mapping, *args, **kwargs) -> None:
         """Checks on the sample input what the operations claim, with these variables:
 
-        - the function: operations that keep it (InsertAfter, LoRA; every one under
-          preserve_function) must leave the output as without them, to float32 tolerance
-          (`function_tolerance`); else a SurgeryError naming the first that breaks it alone;
+        - the function: operations that keep it (ops.claims: LoRA, InsertAfter with a part at
+          zero; every one under preserve_function) must leave the output as without them, to
+          float32 tolerance (`function_tolerance`); else a SurgeryError naming the first that
+          breaks it alone;
         - the gradient: a layer an InsertAfter starts at zero must get one (a zeroed layer under
           ReLU at 0 never would: a dead block); else a SurgeryError naming it.
         grow_params runs it whenever its inputs are concrete (not under an outer jit)."""
-        claims = [i for i, op in enumerate(self.ops) if self.preserve_function or isinstance(op, (InsertAfter, LoRA))]
-        if not claims:
-            return
-        with jax.default_matmul_precision('highest'):
-            reference = self._output(variables, claims, args, kwargs)
-            difference = _max_difference(self._output(variables, (), args, kwargs), reference)
-            if difference > function_tolerance(reference):
-                for index in claims:
-                    alone = _max_difference(self._output(variables, set(claims) - {index}, args, kwargs), reference)
-                    if alone > function_tolerance(reference):
-                        raise SurgeryError(_breaks_function(self.ops[index], alone, self.preserve_function))
-                raise SurgeryError(f'The operations {", ".join(describe(self.ops[i]) for i in claims)} keep the '
-                                   f'function one by one but not together (max |difference| {difference:.3g}).')
-            zeroed = self.trace(*args, **kwargs).zero
-            if zeroed:
-                _check_alive(self, variables, zeroed, args, kwargs)
+        claiming = [i for i, op in enumerate(self.ops) if O.claims(op, self.preserve_function)]
+        O.check_claims(self.ops, claiming, lambda skip, probe: self._output(variables, skip, args, kwargs, probe),
+                       self.preserve_function)
+        zeroed = self.trace(*args, **kwargs).zero
+        if zeroed:
+            _check_alive(self, variables, zeroed, args, kwargs)
 
-    def _output(self, variables: Mapping, skip, args, kwargs):
+    def _output(self, variables: Mapping, skip, args, kwargs, probe: dict | None = None):
         """The output with the operations `skip` left out (their parameters unused)."""
-        token = _SKIP.set(frozenset(skip))
+        tokens = _SKIP.set(frozenset(skip)), _PROBE.set(probe)
         try:
             out, _ = self.apply(variables, *args, mutable=True, rngs={'dropout': jax.random.key(0)}, **kwargs)
         finally:
-            _SKIP.reset(token)
+            _PROBE.reset(tokens[1])
+            _SKIP.reset(tokens[0])
         return out
 
 
-def function_tolerance(reference) -> float:
-    """How far a function-preserving growth may move the output: float32 rounding, relative to the
-    output's scale (1e-5 x max(1, max |output|)); 1e-2 x that for half-precision outputs."""
-    leaves = [jnp.asarray(leaf) for leaf in jax.tree_util.tree_leaves(reference)]
-    scale = max([1.0] + [float(jnp.max(jnp.abs(leaf.astype(jnp.float32)))) for leaf in leaves if leaf.size])
-    half = any(leaf.dtype in (jnp.bfloat16, jnp.float16) for leaf in leaves)
-    return (1e-2 if half else 1e-5) * scale
-
-
-def _max_difference(a, b) -> float:
-    pairs = zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b))
-    return max([0.0] + [float(jnp.max(jnp.abs(jnp.asarray(x, jnp.float32) - jnp.asarray(y, jnp.float32))))
-                        for x, y in pairs if jnp.size(x)])
-
-
-def _breaks_function(op: Operation, difference: float, preserving: bool) -> str:
-    if isinstance(op, InsertAfter) and op.residual:
-        return (f'{describe(op)}: the inserted block does not start as the identity (the output moves by '
-                f'{difference:.3g} on the sample input): with residual=True the model computes y + block(y), so '
-                'block(y) must start at zero; a block that adds its input itself (a pre-LN transformer block) needs '
-                "residual=False and zero='<the layers that end its residual branches>'.")
-    if isinstance(op, InsertAfter):
-        return (f'{describe(op)}: the inserted block does not start as the identity (the output moves by '
-                f'{difference:.3g} on the sample input): with residual=False, zero= must name the layers that end each '
-                'of its residual branches, so that the block returns its input at first.')
-    claim = 'with preserve_function=True' if preserving else 'as it claims'
-    return (f'{describe(op)} does not keep the function {claim}: the output moves by {difference:.3g} on the sample '
-            'input.')
+function_tolerance = O.function_tolerance
 
 
 def _check_alive(model: Grown, variables: Mapping, zeroed: Mapping[Path, int], args, kwargs) -> None:
-    """A SurgeryError for a layer started at zero that gets no gradient on the sample input."""
-    def loss(params, cotangent):
-        out = model._output({**variables, 'params': params}, (), args, kwargs)
-        return sum(jnp.vdot(leaf.astype(jnp.float32), c) for leaf, c in
-                   zip(jax.tree_util.tree_leaves(out), jax.tree_util.tree_leaves(cotangent)))
+    """ops.check_alive for the modules (paths) that operations start at zero."""
+    cotangent = O.cotangents(jax.eval_shape(lambda: model._output(variables, (), args, kwargs)))
+    def loss(params):
+        return O.projected(model._output({**variables, 'params': params}, (), args, kwargs), cotangent)
 
-    shapes = jax.eval_shape(lambda: model._output(variables, (), args, kwargs))
-    keys = jax.random.split(jax.random.key(0), len(jax.tree_util.tree_leaves(shapes)))
-    cotangent = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(shapes), [
-        jax.random.normal(key, leaf.shape) for key, leaf in zip(keys, jax.tree_util.tree_leaves(shapes))])
-    grads = flatten(jax.grad(loss)(variables['params'], cotangent))
-    for module, index in zeroed.items():
-        leaves = [g for path, g in grads.items() if path[:-1] == module]
-        if leaves and not any(bool(jnp.any(g != 0)) for g in leaves):
-            raise SurgeryError(
-                f'{describe(model.ops[index])}: {path_str(module)} starts at zero but gets no gradient on the sample '
-                'input: its output passes through a flat part of an activation (e.g. ReLU at 0), so it would stay zero '
-                'and the block dead through training. Start at zero a layer whose output reaches the sum directly '
-                '(zero=...), or use an activation with a gradient at 0.')
+    grads = flatten(jax.grad(loss)(variables['params']))
+    moved = {path_str(path[:-1]) for path, g in grads.items() if bool(jnp.any(g != 0))}
+    layers = {path_str(module): model.ops[index] for module, index in zeroed.items()
+              if any(path[:-1] == module for path in grads)}
+    O.check_alive(layers, moved)
 
 
 def _zeroed(variables: Mapping, modules: set[Path]) -> dict:
@@ -941,22 +607,10 @@ def check_matches(ops: Sequence[Operation], record: _Record) -> None:
                                    'query=/key=/value=, or qkv= for one fused projection (nanoGPT\'s c_attn, timm\'s '
                                    'qkv).')
             if not any(i == index and role in (None, r) for i, r in record.matched):
-                raise SurgeryError(f'{describe(op)}: {pattern!r} matches no module that was called. '
-                                   f'{_suggest(pattern, record.seen)}')
+                raise O.no_match(op, pattern, record.seen, 'into=' if role == 'consumer' else '')
         for pattern in getattr(op, 'through', ()):
             if not any(re.fullmatch(pattern, p) for p in record.seen):
-                raise SurgeryError(f'{describe(op)}: through={pattern!r} matches no module that was called. '
-                                   f'{_suggest(pattern, record.seen)}')
-
-
-def _suggest(pattern: str, seen: Sequence[str]) -> str:
-    unique = list(dict.fromkeys(seen))
-    close = difflib.get_close_matches(pattern, unique, n=6, cutoff=0.4)
-    last = pattern.rsplit('/', 1)[-1]
-    close += [p for p in unique if p.rsplit('/', 1)[-1] == last and p not in close][:6 - len(close)]
-    if close:
-        return f'Did you mean one of: {", ".join(close)}? (Patterns match whole paths.)'
-    return f'Modules called: {_sample(unique)}.'
+                raise O.no_match(op, pattern, record.seen, 'through=')
 
 
 def grow(model: nn.Module, ops: Sequence[Operation], preserve_function: bool = False) -> Grown:
@@ -967,63 +621,19 @@ def grow(model: nn.Module, ops: Sequence[Operation], preserve_function: bool = F
     preserve_function=True: every operation starts at zero (no NormScale, zero fan-in and new-head
     outputs, identity blocks), so the grown model computes what `model` did; grow_params then
     checks it on the sample input. It holds for all operations of the model, earlier rounds too."""
-    if isinstance(ops, _OPERATIONS):
-        ops = [ops]
-    ops = tuple(ops)
-    for op in ops:
-        if not isinstance(op, _OPERATIONS):
-            raise SurgeryError(f'surgery.grow: {op!r} is not an operation (Widen, AddHeads, InsertAfter, Deepen, '
-                               'LoRA).')
+    earlier = model.ops if isinstance(model, Grown) else ()
+    ops = O.operations(ops, 'surgery.grow', earlier)
     if isinstance(model, Grown):
         return model.clone(ops=model.ops + ops, rounds=model.rounds + (len(model.ops) - sum(model.rounds),),
                            preserve_function=preserve_function)
     if not isinstance(model, nn.Module):
         hint = ' For Flax NNX modules use growjax.nnx_surgery.grow.' if 'nnx' in type(model).__module__ else ''
         raise SurgeryError(f'surgery.grow: expected a flax.linen Module, got a {type(model).__name__}.{hint}')
-    duplicates = [describe(op) for i, op in enumerate(ops) if isinstance(op, LoRA) and op in ops[:i]]
-    if duplicates:
-        raise SurgeryError(f'surgery.grow: {duplicates[0]} is given twice.')
     return Grown(model=model, ops=ops, preserve_function=preserve_function)
 
 
 # ---------------------------------------------------------------------------------------------
 # What was grafted
-
-
-@dataclasses.dataclass(frozen=True)
-class Report:
-    """Per module: which leaves were copied from the pretrained tree, which are new, which were
-    re-initialised; what each operation matched; and, if checked, how far two models' outputs are
-    from the pretrained model's on the sample input:
-
-    - `max_abs_difference`: the function-preserving variant of the same operations (new parts at
-      zero, no NormScale), which must match: a leaf grafted into the wrong place shows up here;
-    - `grown_difference`: the model as it was grown, which differs by design where an operation
-      in `changes_function` (NormScale, a random fan-in) rescales or adds to the old units.
-    """
-    modules: dict[str, dict[str, list[str]]]  # module path -> {'copied' | 'new' | 'reinitialised': [leaf names]}
-    matches: dict[str, list[str]]
-    max_abs_difference: float | None = None
-    grown_difference: float | None = None
-    changes_function: tuple[str, ...] = ()
-
-    def __str__(self) -> str:
-        lines = ['operation -> modules it matched:']
-        lines += [f'  {op} -> {", ".join(paths) or "(none)"}' for op, paths in self.matches.items()]
-        lines.append('module: copied | new | re-initialised leaves')
-        for module, kinds in self.modules.items():
-            cells = [', '.join(kinds.get(kind, [])) or '-' for kind in ('copied', 'new', 'reinitialised')]
-            lines.append(f'  {module or "(root)"}: ' + ' | '.join(cells))
-        if self.max_abs_difference is not None:
-            lines.append(f'function check, on the function-preserving variant of these operations (new parts at zero, '
-                         f'no NormScale), not the model as grown: max |difference| from the pretrained model = '
-                         f'{self.max_abs_difference:.3g}')
-        if self.grown_difference is not None:
-            why = (f' (by design: {"; ".join(self.changes_function)} change the function)' if self.changes_function
-                   else '')
-            lines.append(f'the model as grown: max |difference| from the pretrained model = '
-                         f'{self.grown_difference:.3g}{why}')
-        return '\n'.join(lines)
 
 
 def report(grown: Grown, pretrained_variables: Mapping, grown_variables: Mapping, *sample_args,
@@ -1057,17 +667,17 @@ def report(grown: Grown, pretrained_variables: Mapping, grown_variables: Mapping
             reference = grown.model
         except GraftError:
             return result  # another head (a new task): pass pretrained_model= to check the function
-    preserving = grow(reference, grown.ops).clone(preserve_function=True)
+    # the function-preserving variant: every operation that has one (a stacked block has none: left out)
+    preserving = grow(reference, tuple(op for op in grown.ops if not O.stacks(op))).clone(preserve_function=True)
     variables = grow_params(pretrained_variables, preserving, jax.random.key(0) if rng is None else rng, *sample_args)
     difference = check_function(reference, pretrained_variables, preserving, variables, *sample_args, atol=atol)
     expected = reference.apply(pretrained_variables, *sample_args)
     shapes = jax.eval_shape(lambda: grown.init(jax.random.key(0), *sample_args))
     if not grown.preserve_function and set(flatten(shapes)) - set(pretrained_flat) - set(flatten(grown_variables)):
         grown = grown.clone(preserve_function=True)  # variables from grow_params(..., preserve_function=True)
-    changes = () if grown.preserve_function else tuple(
-        describe(op) for op in grown.ops if isinstance(op, (Widen, AddHeads, Deepen)))
+    changes = tuple(describe(op) for op in grown.ops if not O.claims(op, grown.preserve_function))
     return dataclasses.replace(result, max_abs_difference=difference, changes_function=changes,
-                               grown_difference=_max_difference(grown.apply(grown_variables, *sample_args), expected))
+                               grown_difference=O.max_difference(grown.apply(grown_variables, *sample_args), expected))
 
 
 def _require_linen(model, what: str) -> None:
@@ -1085,11 +695,5 @@ def check_function(pretrained_model: nn.Module, pretrained_variables: Mapping, g
     check that catches them."""
     _require_linen(pretrained_model, 'check_function')
     _require_linen(grown_model, 'check_function')
-    expected = pretrained_model.apply(pretrained_variables, *sample_args)
-    actual = grown_model.apply(grown_variables, *sample_args)
-    difference = _max_difference(actual, expected)
-    if not difference <= atol:
-        raise SurgeryError(f'The grown model differs from the pretrained model by {difference:.3g} (> atol={atol}) with '
-                           'its new parts set to preserve the function: a pretrained leaf is not where the model reads '
-                           'it, or an operation does not preserve the function.')
-    return difference
+    return O.compare(grown_model.apply(grown_variables, *sample_args),
+                     pretrained_model.apply(pretrained_variables, *sample_args), atol, 'surgery.check_function')

@@ -88,22 +88,21 @@ import inspect
 import math
 import re
 import threading
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
-from flax.linen import dtypes as linen_dtypes
 
 from growjax.grow import compile_patterns, pure
-from growjax.nn import l2_normalize_groups, lecun_normal_flat
-from growjax.surgery.linen import (_OPERATIONS, COPY, AddHeads, Deepen, InsertAfter, LoRA, Operation, Report, SurgeryError,
-                             Widen, _kind, _sample, _suffix, activated_units, describe, resolve_causal)
+from growjax.nn import lecun_normal_flat, lora_delta, lora_shapes, norm_scale, norm_scale_groups, norm_scale_sizes
+from growjax.surgery import ops as O
+from growjax.surgery.ops import COPY, AddHeads, Deepen, InsertAfter, LoRA, Operation, SurgeryError, Widen, describe
+from growjax.surgery.report import Report
 
-__all__ = ['CHECK_ATOL', 'CHECK_RTOL', 'NormScale', 'check_function', 'grow', 'module_paths', 'on_pure_dicts',
-           'report']
+__all__ = ['NormScale', 'check_function', 'grow', 'module_paths', 'on_pure_dicts', 'report']
 
 
 # ---------------------------------------------------------------------------------------------
@@ -112,29 +111,19 @@ __all__ = ['CHECK_ATOL', 'CHECK_RTOL', 'NormScale', 'check_function', 'grow', 'm
 
 class NormScale(nnx.Module):
     """The paper's per-group L2 normalisation with a learned per-unit scale (growjax.nn.NormScale in
-    NNX): the last axis is split into `group_sizes`, each group is L2-normalised per example (in
-    float32, floor `growjax.nn.NORM_EPS`: an all-zero group gives zeros and finite gradients) and
-    multiplied by its own scale `scale_<i>` (float32, initialised to `scale_init`)."""
+    NNX, the same computation: growjax.nn.norm_scale): the last axis is split into `group_sizes`,
+    each group is L2-normalised per example (in float32, floor `growjax.nn.NORM_EPS`: an all-zero
+    group gives zeros and finite gradients) and multiplied by its own scale `scale_<i>` (float32,
+    initialised to `scale_init`)."""
 
     def __init__(self, group_sizes: Sequence[int], scale_init: float = 10.0):
-        sizes = tuple(int(size) for size in group_sizes)
-        if not sizes or any(size <= 0 for size in sizes):
-            raise ValueError(f'NormScale: group sizes must be positive, got {sizes}.')
-        self.group_sizes = sizes
-        for i, size in enumerate(sizes):
+        self.group_sizes = norm_scale_sizes(group_sizes)
+        for i, size in enumerate(self.group_sizes):
             setattr(self, f'scale_{i}', nnx.Param(jnp.full((size,), scale_init, jnp.float32)))
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        groups = l2_normalize_groups(x, self.group_sizes)
-        return jnp.concatenate([group * getattr(self, f'scale_{i}')[...].astype(group.dtype)
-                                for i, group in enumerate(groups)], axis=-1)
-
-
-def _norm_scale(norm: NormScale, groups: list[jax.Array]) -> list[jax.Array]:
-    sizes = [g.shape[-1] for g in groups]
-    dtype = jnp.result_type(*groups)
-    merged = norm(jnp.concatenate([g.astype(dtype) for g in groups], axis=-1))
-    return jnp.split(merged, np.cumsum(sizes)[:-1].tolist(), axis=-1)
+        return norm_scale(x, self.group_sizes, [getattr(self, f'scale_{i}')[...]
+                                                for i in range(len(self.group_sizes))])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -238,8 +227,7 @@ def _grown_call(module, base_call, args, kwargs):
     finally:
         _SCOPE.reset(token)
     for (_, op), (producer, _) in scope.pending.items():
-        raise SurgeryError(f'{describe(op)}: the new units of {producer} were not read by any module matching '
-                           f'into={op.into!r} after it.')
+        raise O.not_read(op, producer)
     return out
 
 
@@ -270,20 +258,10 @@ def module_paths(model: nnx.Module) -> dict[str, nnx.Module]:
     return dict(sorted(found.items()))
 
 
-def _suggest(pattern: str, paths: Sequence[str]) -> str:
-    close = difflib.get_close_matches(pattern, paths, n=6, cutoff=0.4)
-    last = pattern.rsplit('/', 1)[-1]
-    close += [p for p in paths if p.rsplit('/', 1)[-1] == last and p not in close][:6 - len(close)]
-    if close:
-        return f'Did you mean one of: {", ".join(close)}? (Patterns match whole paths.)'
-    return f'Its modules: {_sample(list(paths))}.'
-
-
 def _match(op: Operation, pattern: str, modules: Mapping[str, nnx.Module], what: str = '') -> dict[str, nnx.Module]:
     found = {path: m for path, m in modules.items() if re.fullmatch(pattern, path)}
     if not found:
-        raise SurgeryError(f'{describe(op)}: {what}{pattern!r} matches no module of the model. '
-                           f'{_suggest(pattern, list(modules))}')
+        raise O.no_match(op, pattern, list(modules), what, 'of the model', 'Its modules')
     return found
 
 
@@ -382,21 +360,21 @@ def _plan_widen(index, op: Widen, suffix, modules, setup: _Setup):
     consumers = {p: m for p, m in _match(op, op.into, modules, 'into=').items() if p not in producers}
     if not consumers:
         raise SurgeryError(f'{describe(op)}: into={op.into!r} matches only producers. '
-                           f'{_suggest(op.into, list(modules))}')
+                           f'{O.suggest(op.into, list(modules), "Its modules")}')
     throughs = {}
     for pattern in op.through:
         for path, module in _match(op, pattern, modules, 'through=').items():
             if not isinstance(module, nnx.BatchNorm):
-                raise SurgeryError(f'{describe(op)}: through module {path} is a {_kind(module)}; nnx_surgery copies '
+                raise SurgeryError(f'{describe(op)}: through module {path} is a {O.kind(module)}; nnx_surgery copies '
                                    'nnx.BatchNorm for the new units.')
             throughs[path] = module
     for path, module in producers.items():
         if not (_is_linear(module) or _is_plain_conv(module)):
-            raise SurgeryError(f'{describe(op)}: {path} is a {_kind(module)}; Widen grows nnx.Linear and nnx.Conv '
+            raise SurgeryError(f'{describe(op)}: {path} is a {O.kind(module)}; Widen grows nnx.Linear and nnx.Conv '
                                '(no feature groups).')
     for path, module in consumers.items():
         if not (_is_linear(module) or _is_plain_conv(module)):
-            raise SurgeryError(f'{describe(op)}: consumer {path} is a {_kind(module)}; Widen feeds nnx.Linear and '
+            raise SurgeryError(f'{describe(op)}: consumer {path} is a {O.kind(module)}; Widen feeds nnx.Linear and '
                                'nnx.Conv (no feature groups).')
 
     def apply():
@@ -442,13 +420,7 @@ class _ExtraHeads(nnx.Module):
         q, k, v = self.query(inputs_q), self.key(inputs_k), self.value(inputs_v)
         if 'query_ln' in vars(self):
             q, k = self.query_ln(q), self.key_ln(k)
-        if mask is not None:
-            mask = mask.astype(jnp.bool_)
-        if causal:
-            causal_mask = nnx.make_causal_mask(jnp.ones(inputs_q.shape[:-1]), dtype=jnp.bool_)
-            mask = causal_mask if mask is None else nnx.combine_masks(mask, causal_mask, dtype=jnp.bool_)
-        if mask is not None and mask.ndim >= 3 and mask.shape[-3] not in (1, self.heads):
-            mask = mask[..., :1, :, :]  # per-head masks of the old heads: the new heads take the first head's
+        mask = O.heads_mask(mask, causal, inputs_q.shape[:-1], self.heads)
         return nnx.dot_product_attention(q, k, v, mask=mask, dropout_rng=dropout_rng, dropout_rate=self.dropout_rate,
                                          broadcast_dropout=self.broadcast_dropout,
                                          deterministic=deterministic or not self.dropout_rate, dtype=self.dtype)
@@ -459,43 +431,16 @@ def _features(projection) -> int:
     return int(features) if isinstance(features, int) else int(math.prod(features))
 
 
-def _head_count(attention) -> tuple[str, int] | None:
-    """(attribute, number of heads) of a user's attention that stores it (`num_heads`: timm, flax;
-    `n_head`: nanoGPT)."""
-    for name in ('num_heads', 'n_head'):
-        value = getattr(attention, name, None)
-        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-            return name, value
-    return None
-
-
 def _fused_layout(op: AddHeads, path: str, attention, fused, out) -> tuple[int, int]:
     """(heads, head_dim) of an attention whose q/k/v come from one fused nnx.Linear `op.qkv`."""
     where = f'{describe(op)}: {path}'
     if not _is_linear(fused):
-        raise SurgeryError(f'{where}/{op.qkv} is a {_kind(fused)}; a fused qkv projection is an nnx.Linear of 3 x '
+        raise SurgeryError(f'{where}/{op.qkv} is a {O.kind(fused)}; a fused qkv projection is an nnx.Linear of 3 x '
                            'heads x head_dim output features.')
     if not _is_linear(out):
-        raise SurgeryError(f'{where}/{op.out} is a {_kind(out)}; with a fused qkv projection the output projection is '
+        raise SurgeryError(f'{where}/{op.out} is a {O.kind(out)}; with a fused qkv projection the output projection is '
                            'an nnx.Linear reading heads x head_dim features.')
-    features, head_dim = fused.out_features, op.head_dim
-    if head_dim is None:
-        count = _head_count(attention)
-        if count is None:
-            raise SurgeryError(f'{where} has no num_heads or n_head attribute to split {op.qkv} into heads: pass '
-                               'head_dim= (the width of one head).')
-        if features % (3 * count[1]):
-            raise SurgeryError(f'{where}/{op.qkv} has {features} output features, not 3 x {count[1]} heads '
-                               f'({count[0]}) x head_dim: is it the fused q/k/v projection?')
-        head_dim = features // (3 * count[1])
-    if features % (3 * head_dim):
-        raise SurgeryError(f'{where}/{op.qkv} has {features} output features, not a multiple of 3 x '
-                           f'head_dim={head_dim}: is it the fused q/k/v projection?')
-    heads = features // (3 * head_dim)
-    if out.in_features != heads * head_dim:
-        raise SurgeryError(f'{where}/{op.out} reads {out.in_features} features, not the {heads} x {head_dim} that '
-                           f'{op.qkv} gives each of q, k and v.')
-    return heads, head_dim
+    return O.fused_heads(op, path, fused.out_features, O.head_count(attention), out.in_features)
 
 
 def _plan_add_heads(index, op: AddHeads, suffix, modules, setup: _Setup):
@@ -506,14 +451,12 @@ def _plan_add_heads(index, op: AddHeads, suffix, modules, setup: _Setup):
         for name, role in (*op.projections.items(), (op.out, 'out')):
             child = getattr(attention, name, None)
             if not isinstance(child, nnx.Module):
-                raise SurgeryError(f'{describe(op)}: {path} is a {_kind(attention)} without a {name!r} projection; '
+                raise SurgeryError(f'{describe(op)}: {path} is a {O.kind(attention)} without a {name!r} projection; '
                                    'AddHeads grows nnx.MultiHeadAttention, or a module whose query/key/value/out '
                                    'projections are nnx.LinearGeneral with (heads, head_dim) features or nnx.Linear '
                                    'with head_dim given, or whose fused projection is named by qkv=.')
             children[role] = (name, child)
-        if getattr(attention, 'decode', False):
-            raise SurgeryError(f'{describe(op)}: {path} decodes with a cache (decode=True); add heads to the model '
-                               'used for training, not to its decoding copy.')
+        O.attention_call(op, path, attention, {})
         out = children['out'][1]
         if op.qkv is not None:
             fused = children['qkv'][1]
@@ -526,18 +469,14 @@ def _plan_add_heads(index, op: AddHeads, suffix, modules, setup: _Setup):
             heads, head_dim = (int(f) for f in query.out_features)
             flat = False
             if not (isinstance(out, nnx.LinearGeneral) and tuple(out.in_features) == (heads, head_dim)):
-                raise SurgeryError(f'{describe(op)}: {path}/{op.out} is a {_kind(out)}; with (heads, head_dim) '
+                raise SurgeryError(f'{describe(op)}: {path}/{op.out} is a {O.kind(out)}; with (heads, head_dim) '
                                    f'projections AddHeads needs an nnx.LinearGeneral reading ({heads}, {head_dim}).')
         elif isinstance(query, nnx.Linear) and isinstance(out, nnx.Linear):
-            head_dim, count = op.head_dim, _head_count(attention)
-            if head_dim is None and count is not None:
-                head_dim = query.out_features // count[1]
-            if not head_dim or query.out_features % head_dim or out.in_features != query.out_features:
-                raise SurgeryError(f'{describe(op)}: {path} projects with nnx.Linear layers of {query.out_features} '
-                                   'features: pass head_dim= (features = heads x head_dim).')
-            heads, flat = query.out_features // head_dim, True
+            heads, head_dim = O.flat_heads(op, path, 'nnx.Linear', query.out_features, O.head_count(attention),
+                                           out.in_features)
+            flat = True
         else:
-            raise SurgeryError(f'{describe(op)}: {path}/{op.query} is a {_kind(query)}; AddHeads needs '
+            raise SurgeryError(f'{describe(op)}: {path}/{op.query} is a {O.kind(query)}; AddHeads needs '
                                'nnx.LinearGeneral projections with (heads, head_dim) features (as '
                                'nnx.MultiHeadAttention) or nnx.Linear ones with head_dim given.')
         in_features = tuple(_features(children[which][1]) for which in ('query', 'key', 'value'))
@@ -612,14 +551,13 @@ def _plan_insert_after(index, op: InsertAfter, suffix, modules, setup: _Setup):
             zeroed = [(p, m) for p, m in inside if re.fullmatch(op.zero, p)]
             if not zeroed:
                 raise SurgeryError(f'{describe(op)}: zero={op.zero!r} matches no module of the new block. '
-                                   f'{_suggest(op.zero, [p for p, _ in inside if p])}')
+                                   f'{O.suggest(op.zero, [p for p, _ in inside if p], "Its modules")}')
         elif op.residual:
             kernels = [(p, m) for p, m in inside if isinstance(vars(m).get('kernel'), nnx.Variable)]
             if len(kernels) > 1:
                 kernels = [(p, m) for p, m in kernels if p]  # layers inside the block, not the block itself
             if not kernels:
-                raise SurgeryError(f'{describe(op)}: the new block has no layer with a kernel to start at zero; '
-                                   'pass zero=REGEX or residual=False.')
+                raise O.no_kernel_to_zero(op)
             zeroed = [kernels[-1]]
         else:
             zeroed = []
@@ -644,12 +582,11 @@ def _plan_deepen(index, op: Deepen, suffix, modules, setup: _Setup):
     matches = _match(op, op.module, modules)
     for path, module in matches.items():
         if not _is_linear(module):
-            raise SurgeryError(f'{describe(op)}: {path} is a {_kind(module)}; Deepen puts an nnx.Linear layer before '
+            raise SurgeryError(f'{describe(op)}: {path} is a {O.kind(module)}; Deepen puts an nnx.Linear layer before '
                                'an nnx.Linear.')
         width = module.in_features
         if preserve and op.units != width:
-            raise SurgeryError(f'{describe(op)}: preserving the function needs units equal to the input width of '
-                               f'{path} ({width}) so the new layer can start as the identity; got {op.units}.')
+            raise O.needs_identity_width(op, path, width)
         if op.units != width and not any(p.search(f'{path}/kernel') for p in reinit):
             raise SurgeryError(f'{describe(op)}: {path} reads {width} features and would read {op.units}, so its '
                                f"kernel must be re-initialised: pass reinit='^{path}/' (and the same reinit to "
@@ -675,7 +612,7 @@ def _plan_lora(index, op: LoRA, suffix, modules, setup: _Setup):
     matches = _match(op, op.module, modules)
     for path, module in matches.items():
         if not (_is_linear(module) or (isinstance(module, nnx.LinearGeneral) and not module.batch_axis)):
-            raise SurgeryError(f'{describe(op)}: {path} is a {_kind(module)}; LoRA adapts nnx.Linear and '
+            raise SurgeryError(f'{describe(op)}: {path} is a {O.kind(module)}; LoRA adapts nnx.Linear and '
                                'nnx.LinearGeneral.')
 
     def apply():
@@ -686,8 +623,9 @@ def _plan_lora(index, op: LoRA, suffix, modules, setup: _Setup):
                 fan_in, out_shape = math.prod(module.in_features), tuple(module.out_features)
                 axes = tuple(module.axis)
             names = ('lora_a' + suffix, 'lora_b' + suffix)
-            new = {names[0]: nnx.Param(lecun_normal_flat(rngs.params(), (fan_in, op.rank), jnp.float32)),
-                   names[1]: nnx.Param(jnp.zeros((op.rank, math.prod(out_shape)), jnp.float32))}
+            a_shape, b_shape = lora_shapes(fan_in, out_shape, op.rank)
+            new = {names[0]: nnx.Param(lecun_normal_flat(rngs.params(), a_shape, jnp.float32)),
+                   names[1]: nnx.Param(jnp.zeros(b_shape, jnp.float32))}
             _add(module, path, _Role('lora', index, op, path, names, (axes, out_shape)), new)
     return apply
 
@@ -704,8 +642,7 @@ def _run_producer(module, role: _Role, call, *args, **kwargs):
     scope = _scope()
     key = (role.index, role.op)
     if key in scope.pending and scope.strict:
-        raise SurgeryError(f'{describe(role.op)}: {role.path} was called again before a module matching '
-                           f'into={role.op.into!r} read its new units.')
+        raise O.called_again(role.op, role.path)
     scope.pending[key] = (role.path, getattr(module, role.attrs[0])(args[0]))
     return call(*args, **kwargs)
 
@@ -728,44 +665,23 @@ def _run_consumer(module, role: _Role, call, *args, **kwargs):
     op: Widen = role.op
     producer, units = scope.pending.pop(key)
     old = args[0]
-    units = activated_units(op, role.path, producer, old, units)
+    units = O.activated_units(op, role.path, producer, old, units)
     norm_name, fan_in_name = role.attrs
     if norm_name is None:
         scaled_old, scaled_new = old, units
     else:
-        scaled_old, scaled_new = _norm_scale(getattr(module, norm_name), [old, units])
+        scaled_old, scaled_new = norm_scale_groups(getattr(module, norm_name), [old, units])
     y = call(scaled_old, *args[1:], **kwargs)
     return y + getattr(module, fan_in_name)(scaled_new).astype(y.dtype)
 
 
 def _run_attention(module, role: _Role, call, *args, **kwargs):
-    if kwargs.get('decode') or getattr(module, 'decode', False):
-        raise SurgeryError(f'{describe(role.op)}: {role.path} decodes with a cache (decode=True); add heads to the '
-                           'model used for training, not to its decoding copy.')
-    given = _arguments(module, args, kwargs)
-    other = next((name for name, value in given.items() if 'mask' in name and name != 'mask' and value is not None),
-                 None)
-    if other is not None:  # e.g. timm's attn_mask: the new heads would not see it
-        raise SurgeryError(f'{describe(role.op)}: {role.path} is called with {other}=, a mask the new heads would not '
-                           "apply (they take the argument named 'mask'); pass it as mask= or grow another attention.")
+    given = O.call_arguments(type(module)._growjax_base.__call__, (module, *args), kwargs)
+    O.attention_call(role.op, role.path, module, given)
     _scope().heads[(role.index, role.op, role.path)] = {
         'attention': module, 'mask': given.get('mask'), 'deterministic': given.get('deterministic'),
         'rngs': given.get('rngs'), 'is_causal': bool(given.get('is_causal', False))}
     return call(*args, **kwargs)
-
-
-def _arguments(module, args, kwargs) -> dict:
-    """The arguments of a call of `module` by name, positional ones included (a user's attention may
-    take its mask positionally); only the keywords when the call does not fit the signature."""
-    try:
-        bound = inspect.signature(type(module)._growjax_base.__call__).bind(module, *args, **kwargs)
-    except (TypeError, ValueError):
-        return dict(kwargs)
-    arguments = dict(bound.arguments)
-    for name, parameter in bound.signature.parameters.items():
-        if parameter.kind == parameter.VAR_KEYWORD:
-            arguments.update(arguments.pop(name, {}))
-    return arguments
 
 
 def _run_head_input(module, role: _Role, call, *args, **kwargs):
@@ -776,25 +692,12 @@ def _run_head_input(module, role: _Role, call, *args, **kwargs):
     return call(*args, **kwargs)
 
 
-def _causal(op: AddHeads, path: str, state: dict) -> bool:
-    """Whether the new heads are causal: surgery.resolve_causal's rule, and an `is_causal=True` call
-    (flax's own way to say the old heads are) makes them causal too."""
-    if not state['is_causal']:
-        return resolve_causal(op, path, isinstance(state['attention'], nnx.MultiHeadAttention), state['mask'])
-    if op.causal is False:
-        raise SurgeryError(f'{describe(op)}: causal=False, but {path} is called with is_causal=True: new heads that '
-                           'see later positions would leak them to the earlier ones; leave causal out or pass True.')
-    return True
-
-
 def _run_head_output(module, role: _Role, call, *args, **kwargs):
     op: AddHeads = role.op
     attention_path, flat, heads, head_dim = role.info
     state = _scope().heads.pop((role.index, op, attention_path), None)
     if state is None or not all(which in state for which in ('query', 'key', 'value')):
-        names = ', '.join(repr(name) for name in op.projections)
-        raise SurgeryError(f'{describe(op)}: {attention_path} must call its {names} projection(s) before {op.out!r}; '
-                           f'found {sorted(k for k in (state or {}) if k in ("query", "key", "value"))}.')
+        raise O.projections_not_called(op, attention_path, [k for k in state or {} if k in ('query', 'key', 'value')])
     norm_name, from_name, extra_name = role.attrs
     attention = state['attention']
     extra: _ExtraHeads = getattr(attention, extra_name)
@@ -810,12 +713,14 @@ def _run_head_output(module, role: _Role, call, *args, **kwargs):
                                'heads: pass rngs= to its call.')
         dropout_rng = rngs.dropout() if isinstance(rngs, nnx.Rngs) else rngs()
     new = extra(state['query'], state['key'], state['value'], mask=state['mask'],
-                causal=_causal(op, attention_path, state), deterministic=deterministic, dropout_rng=dropout_rng)
+                causal=O.resolve_causal(op, attention_path, isinstance(attention, nnx.MultiHeadAttention),
+                                        state['mask'], state['is_causal']),
+                deterministic=deterministic, dropout_rng=dropout_rng)
     old = args[0]
-    old_flat = old if flat else old.reshape(*old.shape[:-2], heads * head_dim)
-    new_flat = new.reshape(*new.shape[:-2], op.heads * head_dim)
+    old_flat = O.merge_heads(old, flat, heads, head_dim)
+    new_flat = O.merge_heads(new, False, op.heads, head_dim)
     if norm_name is not None:
-        old_flat, new_flat = _norm_scale(getattr(module, norm_name), [old_flat, new_flat])
+        old_flat, new_flat = norm_scale_groups(getattr(module, norm_name), [old_flat, new_flat])
     y = call(old_flat if flat else old_flat.reshape(old.shape), *args[1:], **kwargs)
     projection = getattr(module, from_name)
     return y + projection(new_flat if flat else new_flat.reshape(new.shape)).astype(y.dtype)
@@ -824,13 +729,9 @@ def _run_head_output(module, role: _Role, call, *args, **kwargs):
 def _run_insert_after(module, role: _Role, call, *args, **kwargs):
     op: InsertAfter = role.op
     y = call(*args, **kwargs)
-    if not isinstance(y, jax.Array):
-        raise SurgeryError(f'{describe(op)}: {role.path} returns a {type(y).__name__}, not an array: insert after a '
-                           'module that returns one array.')
+    O.block_output(op, role.path, y, None)
     out = getattr(module, role.attrs[0])(y, *args[1:], **kwargs)
-    if out.shape != y.shape:
-        raise SurgeryError(f'{describe(op)}: the new block maps shape {y.shape} to {out.shape}; a block inserted '
-                           'after a module must keep its output shape.')
+    O.block_output(op, role.path, y, out)
     probe = _PROBE.get()
     if probe is not None:
         probe.setdefault((role.index, role.path), (y, out))
@@ -845,15 +746,9 @@ def _run_deepen(module, role: _Role, call, *args, **kwargs):
 
 def _run_lora(module, role: _Role, call, *args, **kwargs):
     y = call(*args, **kwargs)
-    x = args[0]
     axes, out_shape = role.info
-    axes = tuple(sorted(a % x.ndim for a in axes))
-    x_flat = jnp.moveaxis(x, axes, tuple(range(x.ndim - len(axes), x.ndim)))
-    x_flat = x_flat.reshape(*x_flat.shape[:x.ndim - len(axes)], -1)
     a, b = getattr(module, role.attrs[0])[...], getattr(module, role.attrs[1])[...]
-    x_flat, a, b = linen_dtypes.promote_dtype(x_flat, a, b, dtype=module.dtype)
-    delta = ((x_flat @ a) @ b).reshape(*x_flat.shape[:-1], *out_shape)
-    return y + delta.astype(y.dtype)
+    return y + lora_delta(args[0], a, b, axes, out_shape, module.dtype).astype(y.dtype)
 
 
 _RUN = {'producer': _run_producer, 'through': _run_through, 'consumer': _run_consumer, 'attention': _run_attention,
@@ -862,20 +757,7 @@ _RUN = {'producer': _run_producer, 'through': _run_through, 'consumer': _run_con
 
 
 # ---------------------------------------------------------------------------------------------
-# Checks on concrete inputs
-
-# A claimed function is kept when the outputs differ by at most CHECK_ATOL + CHECK_RTOL x max |output|
-# (float32): new parts that start at zero add exact zeros, but an identity matmul (Deepen) rounds
-# its input where float32 matmuls run in TF32 (GPUs) or bfloat16 passes (TPUs), ~1e-3 relative.
-CHECK_ATOL, CHECK_RTOL = 1e-5, 1e-3
-
-
-def _claims(op: Operation, preserve: bool) -> bool:
-    """Whether `op` says it keeps the function: LoRA (B = 0), InsertAfter with a part at zero
-    (residual, or zero=), and every operation grown with preserve_function=True."""
-    if preserve or isinstance(op, LoRA):
-        return True
-    return isinstance(op, InsertAfter) and (op.residual or op.zero is not None)
+# Checks on concrete inputs (ops.check_claims, ops.check_alive)
 
 
 def _evaluating(model: nnx.Module) -> nnx.Module:
@@ -896,80 +778,19 @@ def _call(model: nnx.Module, sample: tuple, skip=frozenset(), probe: dict | None
         _SKIP.reset(tokens[0])
 
 
-def _float_leaves(tree) -> list[jax.Array]:
-    return [jnp.asarray(leaf, jnp.float32) for leaf in jax.tree_util.tree_leaves(tree)
-            if jnp.issubdtype(jnp.result_type(leaf), jnp.inexact)]
-
-
-def _difference(actual, expected) -> float | None:
-    """max |actual - expected| over the outputs' float leaves; None when their structures or shapes differ."""
-    if jax.tree_util.tree_structure(actual) != jax.tree_util.tree_structure(expected):
-        return None
-    pairs = list(zip(_float_leaves(actual), _float_leaves(expected)))
-    if any(a.shape != b.shape for a, b in pairs):
-        return None
-    return max((float(jnp.max(jnp.abs(a - b), initial=0.0)) for a, b in pairs), default=0.0)
-
-
-def _tolerance(reference) -> float:
-    return CHECK_ATOL + CHECK_RTOL * max((float(jnp.max(jnp.abs(leaf), initial=0.0))
-                                          for leaf in _float_leaves(reference)), default=0.0)
-
-
-def _change(difference: float | None) -> str:
-    return 'a different output shape' if difference is None else f'max |difference| {difference:.3g}'
-
-
-def _not_kept(op: Operation, difference: float | None, probe: dict, index: int) -> str:
-    """Why `op` alone changes the function it claims to keep: the one-line error."""
-    if isinstance(op, InsertAfter):
-        head = f'{describe(op)}: the inserted block does not start as the identity ({_change(difference)})'
-        if not op.residual and op.zero is None:
-            return head + ': residual=False without zero= stacks the block, which changes the function; name the ' \
-                'layers that start at zero with zero=REGEX, or grow without preserve_function.'
-        if op.residual:
-            y, out = next((v for (i, _), v in probe.items() if i == index), (None, None))
-            looks = ''
-            if y is not None and float(jnp.linalg.norm(out - y)) < float(jnp.linalg.norm(out)):
-                looks = ' (its output is closer to its input than to zero)'
-            return head + f': with residual=True the block\'s output is added to its input and must start at zero, ' \
-                f'but it is not{looks}; if the block holds its own residual sum (x + f(x), as a pre-LN transformer ' \
-                'block), pass residual=False and zero=REGEX naming the last layer of each of its residual branches.'
-        return head + f': zero={op.zero!r} does not zero every residual branch inside it; name the last layer of ' \
-            'each branch (the block must compute x + 0 at first).'
-    if isinstance(op, Deepen):
-        return f'{describe(op)}: the new layer starts as the identity, but does not keep the function ' \
-            f'({_change(difference)}): its activation changes the features {op.module} reads (a ReLU zeroes ' \
-            'negative ones); pass activation=None, or grow without preserve_function.'
-    return f'{describe(op)}: it does not keep the function it claims to ({_change(difference)} on the sample).'
-
-
-def _check_on_sample(root: nnx.Module, checked: Sequence[int], sample: tuple) -> None:
+def _check_on_sample(root: nnx.Module, checked: Sequence[int], sample: tuple, preserving: bool) -> None:
     """Runs the grown model on `sample` and checks that (i) the operations in `checked` that claim to
     keep the function do, and (ii) the layers InsertAfter zeroed receive a gradient."""
     ops, claims = root._growjax_ops, root._growjax_claims
     model = _evaluating(root)
     out = _call(model, sample)  # also raises the errors a call would (shapes, AddHeads' causal rule)
-    claiming = [i for i in checked if i in claims]
-    if claiming:
-        reference = _call(model, sample, skip=claiming)
-        tolerance = _tolerance(reference)
-        difference = _difference(out, reference)
-        if difference is None or difference > tolerance:
-            for index in claiming:
-                probe = {}
-                alone = _difference(_call(model, sample, skip=set(claiming) - {index}, probe=probe), reference)
-                if alone is None or alone > tolerance:
-                    raise SurgeryError(_not_kept(ops[index], alone, probe, index))
-            raise SurgeryError(f'nnx_surgery.grow: {"; ".join(describe(ops[i]) for i in claiming)} each keep the '
-                               f'function, but together change it ({_change(difference)}).')
+    O.check_claims(ops, [i for i in checked if i in claims], lambda skip, probe: _call(model, sample, skip, probe),
+                   preserving)
     _check_alive(model, [i for i in checked if isinstance(ops[i], InsertAfter)], out, sample)
 
 
 def _check_alive(model: nnx.Module, inserts: Sequence[int], out, sample: tuple) -> None:
-    """The layers an InsertAfter zeroed must get a non-zero gradient for a random cotangent of the
-    output (not ones: the outputs of a softmax sum to one, so their gradients would cancel): a layer
-    at zero behind an activation that is flat there (jax's ReLU has slope 0 at 0) never trains."""
+    """ops.check_alive for the layers the InsertAfters `inserts` started at zero."""
     layers = {}
     for _, node in nnx.iter_graph(model):
         for role in getattr(node, '_growjax_roles', ()) if isinstance(node, nnx.Module) else ():
@@ -978,25 +799,14 @@ def _check_alive(model: nnx.Module, inserts: Sequence[int], out, sample: tuple) 
                 layers.update({f'{block}/{inner}' if inner else block: role.op for inner in role.info})
     if not layers:
         return
-    leaves = _float_leaves(out)
-    keys = jax.random.split(jax.random.key(0), len(leaves))  # fixed: the check gives the same answer every time
-    cotangents = [jax.random.normal(key, leaf.shape) for key, leaf in zip(keys, leaves)]
+    cotangent = O.cotangents(out)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-
-    def projected(params):
-        outputs = _float_leaves(nnx.merge(graphdef, params, rest)(*sample))
-        return sum(jnp.vdot(leaf, cotangent) for leaf, cotangent in zip(outputs, cotangents))
-
+    grads = jax.grad(lambda params: O.projected(nnx.merge(graphdef, params, rest)(*sample), cotangent))(params)
     moved = set()
-    for path, value in nnx.to_flat_state(jax.grad(projected)(params)):
+    for path, value in nnx.to_flat_state(grads):
         if np.any(np.asarray(value.get_value() if isinstance(value, nnx.Variable) else value)):
             moved.add('/'.join(str(p) for p in path[:-1]))
-    for layer, op in layers.items():
-        if layer not in moved:
-            raise SurgeryError(f'{describe(op)}: {layer} starts at zero and gets no gradient on the sample, so it '
-                               'would never train: it sits in a flat part of an activation (e.g. ReLU at 0) or is not '
-                               'used; pass zero=REGEX naming a layer that no such activation follows (or end the '
-                               'block with a layer).')
+    O.check_alive(layers, moved)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1010,7 +820,7 @@ def _check_reinit(patterns, pretrained: set[tuple]) -> None:
     for pattern in patterns:
         if not any(pattern.search(path) for path in paths):
             close = difflib.get_close_matches(pattern.pattern.strip('^$'), paths, n=6, cutoff=0.4)
-            hint = f'Did you mean one of: {", ".join(close)}?' if close else f'Its parameters: {_sample(paths)}.'
+            hint = f'Did you mean one of: {", ".join(close)}?' if close else f'Its parameters: {O.sample(paths)}.'
             raise SurgeryError(f"reinit: {pattern.pattern!r} matches no parameter of the model (regexes are searched "
                                f"in '/'-joined paths such as 'fc1/kernel'). {hint}")
 
@@ -1081,7 +891,7 @@ def grow(module: nnx.Module, ops: Operation | Sequence[Operation], *, rngs: nnx.
     only a call shows. grow then runs the grown model on it (a copy in eval mode) and raises a
     SurgeryError naming the operation unless (i) the operations that claim to keep the function
     (LoRA, InsertAfter with a part at zero, every one with preserve_function=True) do: the output
-    equals the output with their roles switched off, to CHECK_ATOL + CHECK_RTOL x max |output|;
+    equals the output with their roles switched off, to surgery.function_tolerance (full float32 matmuls);
     (ii) every layer an InsertAfter starts at zero gets a non-zero gradient for a random cotangent
     of the output (a zero layer before a ReLU never does). With in_place=True a failed check leaves
     the module grown.
@@ -1089,13 +899,7 @@ def grow(module: nnx.Module, ops: Operation | Sequence[Operation], *, rngs: nnx.
     Growing a grown module again appends the operations (names of earlier rounds stay); the checks
     concern the new ones.
     """
-    if isinstance(ops, _OPERATIONS):
-        ops = [ops]
-    ops = tuple(ops)
-    for op in ops:
-        if not isinstance(op, _OPERATIONS):
-            raise SurgeryError(f'nnx_surgery.grow: {op!r} is not an operation (Widen, AddHeads, InsertAfter, Deepen, '
-                               'LoRA).')
+    ops = O.operations(ops, 'nnx_surgery.grow')
     if not isinstance(module, nnx.Module):
         hint = ' For Flax linen modules use growjax.surgery.grow.' if 'linen' in type(module).__module__ else ''
         raise SurgeryError(f'nnx_surgery.grow: expected a flax.nnx Module, got a {type(module).__name__}.{hint}')
@@ -1110,17 +914,10 @@ def grow(module: nnx.Module, ops: Operation | Sequence[Operation], *, rngs: nnx.
                                'by calling it: pass sample=(inputs,) (the positional arguments of its __call__, e.g. '
                                'sample=(x[:2],)).')
     previous = tuple(vars(module).get('_growjax_ops', ()))
+    O.operations(ops, 'nnx_surgery.grow', previous)  # no LoRA given twice, earlier rounds included
     everything = previous + ops
-    duplicates = [describe(op) for i, op in enumerate(everything) if isinstance(op, LoRA) and op in everything[:i]]
-    if duplicates:
-        raise SurgeryError(f'nnx_surgery.grow: {duplicates[0]} is given twice.')
     patterns = compile_patterns(reinit)
-    counts: dict[tuple[type, str], int] = {}
-    suffixes = []
-    for op in everything:
-        key = (type(op), op.module)
-        suffixes.append(_suffix(counts.get(key, 0)))
-        counts[key] = counts.get(key, 0) + 1
+    suffixes = O.suffixes(everything)
 
     root = module if in_place else _clone(module)
     modules = module_paths(root)
@@ -1136,10 +933,10 @@ def grow(module: nnx.Module, ops: Operation | Sequence[Operation], *, rngs: nnx.
     _reinit(root, patterns, pretrained, rngs, setup.reinitialised)
     root._growjax_ops = everything
     root._growjax_claims = tuple(vars(root).get('_growjax_claims', ())) + tuple(
-        index for index, op in enumerate(ops, len(previous)) if _claims(op, preserve_function))
+        index for index, op in enumerate(ops, len(previous)) if O.claims(op, preserve_function))
     if sample is not None:
         sample = sample if isinstance(sample, tuple) else (sample,)
-        _check_on_sample(root, range(len(previous), len(everything)), sample)
+        _check_on_sample(root, range(len(previous), len(everything)), sample, preserve_function)
     return root
 
 
@@ -1192,14 +989,14 @@ def report(pretrained_model: nnx.Module, grown_model: nnx.Module, *sample_args, 
     grown = _evaluating(grown_model)
     difference = None
     if not any('reinitialised' in kinds for kinds in modules.values()):
-        difference = _difference(_call(grown, sample_args, skip=changing), expected)
+        difference = O.max_difference(_call(grown, sample_args, skip=changing), expected)
         if difference is not None and not difference <= atol:
             raise SurgeryError(f'nnx_surgery.report: the grown model, with the operations that change the function '
                                f'switched off, differs from the pretrained model by {difference:.3g} (> atol={atol}): '
                                'a pretrained value is not where the model reads it, or an operation does not keep the '
                                'function it claims to.')
     return Report(modules=modules, matches=matches, max_abs_difference=difference,
-                  grown_difference=_difference(_call(grown, sample_args), expected),
+                  grown_difference=O.max_difference(_call(grown, sample_args), expected),
                   changes_function=tuple(describe(ops[index]) for index in changing))
 
 
@@ -1211,15 +1008,8 @@ def check_function(pretrained_model: nnx.Module, grown_model: nnx.Module, *sampl
     preserve_function=True, or before training): values loaded into the wrong place (two square
     kernels swapped by a renamed layer, a transposed kernel) keep every shape and path, and this is
     the check that catches them."""
-    difference = _difference(_call(_evaluating(grown_model), sample_args),
-                             _call(_evaluating(pretrained_model), sample_args))
-    if difference is None:
-        raise SurgeryError('nnx_surgery.check_function: the two models\' outputs differ in structure or shape.')
-    if not difference <= atol:
-        raise SurgeryError(f'The grown model differs from the pretrained model by {difference:.3g} (> atol={atol}): a '
-                           'pretrained value is not where the model reads it, or an operation does not preserve the '
-                           'function.')
-    return difference
+    return O.compare(_call(_evaluating(grown_model), sample_args), _call(_evaluating(pretrained_model), sample_args),
+                     atol, 'nnx_surgery.check_function')
 
 
 # ---------------------------------------------------------------------------------------------
