@@ -39,3 +39,13 @@ def test_grow_your_own_flax_model_example_runs(capsys):
     assert not np.any(mu['block0']['fc1']['plus']['kernel'])  # the second round's units start without history
     out = capsys.readouterr().out
     assert 'function check, on the function-preserving variant' in out and 'the model as grown' in out
+
+
+def test_growing_a_model_during_training_example_runs():
+    namespace = {}
+    exec(compile(readme_section('## Growing a model during training (expand)'), 'README.md', 'exec'), namespace)
+    grown, state = namespace['grown'], namespace['state']
+    assert grown['params']['h_3']['proj']['kernel'].shape == (256, 64)
+    mu = optax.tree_utils.tree_get(state, 'mu')
+    assert mu['h_0']['fc']['kernel'].shape == (64, 256)
+    assert not np.any(mu['h_3']['fc']['kernel'])  # a new block's moments start at zero
