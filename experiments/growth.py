@@ -504,6 +504,20 @@ def target_of(big_runs: Sequence[dict]) -> float:
     return float(np.mean([final_val(r) for r in big_runs]))
 
 
+def train_rise(run: dict, big: dict | None, before: int = 10, after: int = 30, window: int = 5) -> float | None:
+    """The rise of the train loss over the big-from-scratch model's on the same batches: the highest
+    `window`-step mean of (arm - big) in the `after` steps from growth, minus its mean over the `before`
+    steps before growth. Batch difficulty cancels; a fast-falling loss does not hide the rise."""
+    g = run.get('growth_step')
+    if g is None or big is None or g < before:
+        return None
+    gap = np.asarray(run['train_loss']) - np.asarray(big['train_loss'])[:len(run['train_loss'])]
+    if len(gap) < g + after:
+        return None
+    means = np.convolve(gap[g:g + after], np.ones(window) / window, mode='valid')
+    return float(means.max() - gap[g - before:g].mean())
+
+
 def spike(run: dict) -> dict | None:
     """The loss rise after growth: validation loss right before growth, right after, the highest in
     the evaluations that follow until the next regular one after growth + eval window, and the steps
@@ -584,7 +598,9 @@ def summarise(arm_runs: Sequence[dict], big_runs: Sequence[dict]) -> dict:
         if big_there:
             equal.append(final_val(run) - float(np.mean(big_there)))
     out['equal_flops_gap'] = t_interval(equal) if equal else None
-    spikes = [s for r in arm_runs if (s := spike(r)) is not None]
+    big_by_seed = {r['seed']: r for r in big_runs}
+    spikes = [dict(s, train_rise=train_rise(r, big_by_seed.get(r['seed'])))
+              for r in arm_runs if (s := spike(r)) is not None]
     out['spike'] = spikes[0] if len(spikes) == 1 else (
         {key: (float(np.mean([s[key] for s in spikes])) if all(s[key] is not None for s in spikes) else None)
          for key in spikes[0]} if spikes else None)
@@ -791,11 +807,11 @@ def write_page(scales: Sequence[Scale], workdir: str, page: str, *, seeds: int =
                   + '. "loss - big at equal FLOPs" < 0: the arm is better.', '']
         lines += ['| arm | seeds | growth FLOPs | FLOPs to target (fraction of big; 95% t) | bootstrap 95% | '
                   'wall to target (fraction) | run FLOPs (fraction) | final val loss | loss - big at equal FLOPs | '
-                  'spike after growth (val) | steps to recover |',
-                  '|---|---|---|---|---|---|---|---|---|---|---|']
+                  'spike after growth (val) | steps to recover | train-loss rise vs big (same batches) |',
+                  '|---|---|---|---|---|---|---|---|---|---|---|---|']
         for name, arm in arms.items():
             if name not in summary:
-                lines.append(f'| {arm.label} | 0 | | not run yet | | | | | | | |')
+                lines.append(f'| {arm.label} | 0 | | not run yet | | | | | | | | |')
                 continue
             s, run = summary[name], per_arm[name][0]
             if name == 'big':
@@ -815,9 +831,11 @@ def write_page(scales: Sequence[Scale], workdir: str, page: str, *, seeds: int =
             recover = '—' if sp is None else ('not within the run' if sp['recover_steps'] is None
                                               else f'{sp["recover_steps"]:.0f}')
             growth = f'{run["growth_flops"]:.2g}' if run.get('growth_step') is not None else '—'
+            rise_text = '—' if sp is None or sp.get('train_rise') is None else f'{sp["train_rise"]:+.3f}'
             lines.append(f'| {arm.label} | {s["seeds"]} | {growth} | {to} | {boot_text} | {wall} | '
                          f'{s["flops_total"]:.0%} | {_fmt(s["final"], digits=4)} | '
-                         f'{"—" if name == "big" else _fmt(s["equal_flops_gap"], digits=3)} | {spike_text} | {recover} |')
+                         f'{"—" if name == "big" else _fmt(s["equal_flops_gap"], digits=3)} | {spike_text} | {recover} | '
+                         f'{rise_text} |')
         missing = [arm.label for name, arm in arms.items() if name not in summary]
         lines.append('')
         if missing:
@@ -876,7 +894,10 @@ def write_page(scales: Sequence[Scale], workdir: str, page: str, *, seeds: int =
         '- **Spike**: validation loss right before growth → right after (equal when growth preserves the function) '
         'and the highest rise in the 50 steps after; steps to recover: the first evaluation after growth at or '
         'below the pre-growth loss (evaluations at growth + ' + ', '.join(str(s) for s in scales[0].after_growth) +
-        ' steps, then every ' + str(scales[0].eval_every) + ').',
+        ' steps, then every ' + str(scales[0].eval_every) + '). The validation loss falls fast at growth time and '
+        'can hide a rise, so also: the train-loss rise against the big-from-scratch run of the same seed on the same '
+        'batches (the highest 5-step mean of the difference in the 30 steps from growth, minus its mean over the 10 '
+        'steps before).',
         '',
     ]
     text = '\n'.join(header + sections) + '\n'
