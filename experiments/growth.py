@@ -3,7 +3,7 @@
     python -m experiments.growth --workdir=workdirs/growth                     # every scale, arm and seed
     python -m experiments.growth --workdir=workdirs/growth --only=w128 --max_minutes=60
     python -m experiments.growth --workdir=workdirs/growth --report_only       # the page from what is stored
-    python -m experiments.growth --workdir=/tmp/growth_quick --quick           # smoke run, about a minute
+    python -m experiments.growth --workdir=/tmp/growth_quick --quick           # smoke run, a few minutes
 
 On the same data (the byte-level Python-stdlib corpus, growjax.data.text) and the same token budget
 (steps x batch x seq_len), at each scale (SCALES) this trains the big GPT from scratch, the small GPT
@@ -11,9 +11,11 @@ alone, and grown arms (ARMS) that train a small GPT for a fraction of the steps,
 growjax.expand (and the AdamW state with growjax.expand_opt_state) into the big configuration and
 train on: width and depth grown (the default: depth 'zero', symmetry-breaking noise 0.1, optimiser
 state mapped, the learning-rate schedule continued, growth at 25% of the budget), width only, depth
-only (new blocks at zero vs stacked copies), both with stacked copies, no noise, optimiser state
-reset, re-warmed learning rate, Adam rate scales on split leaves (growjax.expand.rate_scales),
-growth at 10% and 50%. Stage 2 adds seeds to the big model and to the best grown arms.
+only (new blocks at zero vs stacked copies), both with stacked copies, no noise, noise 0.5,
+optimiser state reset, re-warmed learning rate, Adam rate scales on split leaves
+(growjax.expand.rate_scales), growth at 10% and 50%. Stage 2 adds seeds 1, 2 to the big model, to the
+best grown arm at seed 0 and to the default grown arm. Scales: w32 (2x16 -> 4x32), w64 (2x32 -> 4x64)
+and w128 (2x64 -> 4x128), all head_dim 16, 500 steps of 16 x 128 bytes.
 
 FLOPs are XLA's cost analysis of each compiled train step (forward, backward and AdamW update; small
 and big separately) and of the compiled growth (expand + expand_opt_state); evaluation is excluded.
@@ -109,6 +111,7 @@ def arms_for(scale: Scale) -> list[Arm]:
             small=(scale.small[0], big_width), depth='stack'),
         Arm('stack', 'width+depth, stacked copies', depth='stack'),
         Arm('no_noise', 'width+depth, exact split (no symmetry breaking)', noise=0.0),
+        Arm('noise_high', 'width+depth, split noise 0.5', noise=0.5),
         Arm('opt_reset', 'width+depth, optimiser state reset', opt='reset'),
         Arm('rewarm', 'width+depth, LR re-warmed', lr='rewarm'),
         Arm('rate_scales', 'width+depth, Adam rate 1/k on split leaves', rate_scales=True),
@@ -120,7 +123,7 @@ def arms_for(scale: Scale) -> list[Arm]:
 SCALES = {
     'w32': Scale('w32', small=(2, 16), big=(4, 32)),
     'w64': Scale('w64', small=(2, 32), big=(4, 64)),
-    'w128': Scale('w128', small=(2, 64), big=(4, 128)),  # defined, too slow for the shared 2-core machine so far
+    'w128': Scale('w128', small=(2, 64), big=(4, 128)),
 }
 QUICK_SCALES = {
     'quick': Scale('quick', small=(1, 16), big=(2, 32), head_dim=16, seq_len=32, batch=8, steps=40, warmup=4,
@@ -958,7 +961,8 @@ def define_flags() -> None:
                         'invocations are kept.')
     flags.DEFINE_string('page', None, 'The page to write (default: this checkout\'s docs/growth.md; with --quick '
                         'WORKDIR/docs/growth.md); figures go to figures/ beside it.')
-    flags.DEFINE_bool('quick', False, 'Smoke run: tiny GPTs, 40 steps, every arm, two seeds (about a minute).')
+    flags.DEFINE_bool('quick', False, 'Smoke run: tiny GPTs (1x16 -> 2x32), 40 steps, every arm, two seeds (a few '
+                      'minutes, mostly compilation).')
     flags.DEFINE_list('scales', None, f'Scales to run and report (default all: {list(SCALES)}).')
     flags.DEFINE_list('only', None, 'Compute only these: scale names, arm names, seed=N.')
     flags.DEFINE_integer('seeds', None, 'Seeds of the stage-2 arms (default 3).')
