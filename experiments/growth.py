@@ -875,7 +875,8 @@ def write_page(scales: Sequence[Scale], workdir: str, page: str, *, seeds: int =
         'library corpus (growjax.data.text, train split; validation: a fixed random subset of the validation split, '
         'the same for every run). Every arm sees the same batches in the same order for a seed and the same number '
         'of training bytes. AdamW (b2 0.95, clip 1.0, decoupled weight decay 0.1 on matrices), linear warm-up then '
-        'cosine to 10% over the whole budget; the same peak learning rate for every arm (not tuned per arm).',
+        f'cosine to {scales[0].min_lr:.0%} over the whole budget ({scales[0].warmup} warm-up steps); the same peak '
+        f'learning rate, {scales[0].lr:g}, for every arm and scale (not tuned, neither per arm nor per scale).',
         '',
         'A grown arm trains the small model for its share of the steps, then `growjax.expand` maps it into the big '
         'configuration (width: tiled/split copies, split noise 0.1 unless "exact split"; depth "zero": new blocks '
