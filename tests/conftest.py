@@ -5,7 +5,19 @@ import os
 os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 
+import pathlib  # noqa: E402
+
 import pytest  # noqa: E402  (after the environment above)
+
+SLOW = {line.strip() for line in (pathlib.Path(__file__).parent / 'slow.txt').read_text().splitlines()
+        if line.strip() and not line.startswith('#')}
+
+
+def pytest_collection_modifyitems(config, items):
+    """The tests tests/slow.txt lists are `slow`: the README's default run skips them, .ci/run runs them."""
+    for item in items:
+        if item.nodeid in SLOW or item.nodeid.split('[')[0] in SLOW:
+            item.add_marker(pytest.mark.slow)
 
 SOURCE = 'growjax_latin/16px_max10'
 TARGET = 'growjax_greek/16px_max10'

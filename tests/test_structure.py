@@ -2,6 +2,7 @@
 dependencies point one way), found by reading every module's imports, those inside functions too."""
 import ast
 import os
+import pathlib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -193,3 +194,12 @@ def test_config_flows_down_from_the_trainer_to_the_families_and_jobs():
     assert 'growjax.families' in reachable(graph, 'growjax.train')
     for module in ('growjax.families', 'growjax.families.gpt', 'growjax.lm_train', 'growjax.methods'):
         assert not reachable(graph, module) & {'growjax.train', 'growjax.config_lib'}, module
+
+
+def test_every_test_slow_txt_names_exists():
+    """A renamed test would silently leave tests/slow.txt (and join the fast run): names must exist."""
+    root = pathlib.Path(__file__).parent
+    for line in (root / 'slow.txt').read_text().splitlines():
+        if line.strip() and not line.startswith('#'):
+            path, name = line.split('[')[0].split('::')
+            assert f'def {name}(' in (root.parent / path).read_text(), line
