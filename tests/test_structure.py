@@ -203,3 +203,31 @@ def test_every_test_slow_txt_names_exists():
         if line.strip() and not line.startswith('#'):
             path, name = line.split('[')[0].split('::')
             assert f'def {name}(' in (root.parent / path).read_text(), line
+
+
+# The layers of docs/design.md ("Where each concept lives"), top to bottom: a module may import only
+# modules of its own layer's package or of layers above it.
+LAYERS = ('errors', 'nn', 'lm', 'outputs', 'runtime', 'checkpoint', 'grow', 'groups', 'expand', 'steps', 'methods',
+          'models', 'surgery', 'nnx_surgery', 'pretrained', 'data', 'lm_train', 'families', 'config_lib', 'train',
+          'analysis')
+
+
+def layer_of(module: str) -> str:
+    """'growjax.surgery.ops' -> 'surgery'; the package itself (growjax/__init__) has no layer."""
+    return module.split('.')[1] if module.count('.') else ''
+
+
+def upward_imports(graph: dict[str, set[str]]) -> list[str]:
+    return [f'{m} imports {d}' for m, deps in graph.items() if layer_of(m) for d in deps
+            if layer_of(d) and LAYERS.index(layer_of(d)) > LAYERS.index(layer_of(m))]
+
+
+def test_imports_point_up_the_layers():
+    graph = import_graph()
+    assert {layer_of(m) for m in graph} - {''} == set(LAYERS), 'a module of no layer: add it to LAYERS and design.md'
+    assert upward_imports(graph) == []
+
+
+def test_the_layer_check_finds_an_import_from_below():
+    assert upward_imports({'growjax.grow': {'growjax.train'}, 'growjax.train': {'growjax.grow'}}) == [
+        'growjax.grow imports growjax.train']
