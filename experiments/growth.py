@@ -872,8 +872,9 @@ def write_page(scales: Sequence[Scale], workdir: str, page: str, *, seeds: int =
         '## What is measured',
         '',
         'Byte-level GPTs (growjax.models gpt: pre-LN, learned positions, untied head) on the Python standard '
-        'library corpus (growjax.data.text, train split; validation: a fixed random subset of the validation split, '
-        'the same for every run). Every arm sees the same batches in the same order for a seed and the same number '
+        'library corpus (growjax.data.text, train split; validation: a fixed random subset of '
+        f'{scales[0].eval_examples} sequences of {scales[0].seq_len} bytes of the validation split, the same for '
+        'every run). Every arm sees the same batches in the same order for a seed and the same number '
         'of training bytes. AdamW (b2 0.95, clip 1.0, decoupled weight decay 0.1 on matrices), linear warm-up then '
         f'cosine to {scales[0].min_lr:.0%} over the whole budget ({scales[0].warmup} warm-up steps); the same peak '
         f'learning rate, {scales[0].lr:g}, for every arm and scale (not tuned, neither per arm nor per scale).',
