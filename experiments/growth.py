@@ -744,9 +744,11 @@ def verdict(results: dict[str, dict], scales: Sequence[Scale]) -> str:
         interval = (f' (one seed)' if math.isnan(low) else
                     f' (95% t interval over {s["seeds"]} seeds: {low:.0%}–{high:.0%})')
         met = 'meets' if (high if not math.isnan(high) else best[0]) <= 0.6 else 'misses'
+        reached = [summary[name]['label'] for name in grown if summary[name]['flops_to_target'] is not None]
         parts.append(f'{where}, the best grown arm ("{s["label"]}") reached the big-from-scratch model\'s final '
                      f'validation loss with {best[0]:.0%} of its FLOPs{interval}, {1 - best[0]:.0%} fewer: it {met} '
-                     'the target of at least 40% fewer FLOPs')
+                     f'the target of at least 40% fewer FLOPs ({len(reached)} of {len(grown)} grown arms reached that '
+                     f'loss at all: {"; ".join(reached)})')
     if not parts:
         return 'No results are stored yet.'
     return 'Verdict: ' + '; '.join(parts) + '.'
