@@ -47,8 +47,8 @@ from growjax import models
 from growjax.errors import UserError
 from growjax.grow import Path, flatten, path_str, unflatten
 from growjax.models import vit
-from growjax.models.alexnet import MIN_INPUT_SIZE as ALEXNET_MIN_INPUT_SIZE
-from growjax.models.vgg import MIN_INPUT_SIZE as VGG_MIN_INPUT_SIZE
+from growjax.models.alexnet import AlexNet
+from growjax.models.vgg import VGG16
 
 __all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'PretrainedError', 'SUPPORTED', 'WEIGHT_FILE_SUFFIXES', 'from_big_vision',
            'from_torch', 'model_options']
@@ -65,7 +65,7 @@ Sharding = jax.sharding.Sharding
 _BASE_CHANNELS = 64
 _FIRST_CONV = {'alexnet': 'conv1', 'vgg16': 'conv1_1', 'resnet18': 'stem_conv', 'resnet50': 'stem_conv'}
 # Any input at least this large gives every parameter its shape (AlexNet and VGG pool adaptively).
-_SAMPLE_SIZE = {'alexnet': ALEXNET_MIN_INPUT_SIZE, 'vgg16': VGG_MIN_INPUT_SIZE, 'resnet18': 32, 'resnet50': 32}
+_SAMPLE_SIZE = {'alexnet': AlexNet.MIN_INPUT_SIZE, 'vgg16': VGG16.MIN_INPUT_SIZE, 'resnet18': 32, 'resnet50': 32}
 
 
 class PretrainedError(UserError):

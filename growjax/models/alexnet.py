@@ -4,7 +4,6 @@ from __future__ import annotations
 import jax
 import flax.linen as nn
 
-from growjax.errors import UserError
 from growjax.models.head import FcHeadNet
 from growjax.nn import adaptive_avg_pool, lecun_normal_flat
 
@@ -17,9 +16,6 @@ _CONVS = (
     ('conv5', 256, 3, 1, 1, True),
 )
 
-# Smallest input side for which the last max-pool still sees a full window (torch fails below it too).
-MIN_INPUT_SIZE = 63
-
 
 class AlexNet(FcHeadNet):
     """conv1..conv5 (ReLU, 3x3/2 max-pools) -> adaptive avg pool 6x6 -> fc6 -> fc7 -> classifier.
@@ -31,19 +27,12 @@ class AlexNet(FcHeadNet):
     run tiny versions. Inputs of 63x63 and larger work (224x224 is the usual size).
     """
 
-    @property
-    def fc6_units(self) -> int:
-        return self._units(4096)
-
-    @property
-    def fc7_units(self) -> int:
-        return self._units(4096)
+    FC_UNITS = 4096
+    MIN_INPUT_SIZE = 63  # the last max-pool still sees a full window (torch fails below it too)
 
     def trunk(self, x: jax.Array, train: bool) -> jax.Array:
         del train
-        if min(x.shape[1:3]) < MIN_INPUT_SIZE:
-            raise UserError(f'AlexNet needs inputs of at least {MIN_INPUT_SIZE}x{MIN_INPUT_SIZE}, got '
-                             f'{x.shape[1]}x{x.shape[2]}: smaller maps vanish in the max-pools.')
+        self._check_input_size(x)
         for name, channels, kernel, stride, pad, pool in _CONVS:
             x = nn.Conv(self._units(channels), (kernel, kernel), strides=(stride, stride),
                         padding=((pad, pad), (pad, pad)), dtype=self.dtype,

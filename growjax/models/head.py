@@ -8,11 +8,13 @@ reads the output of a new layer, NormScale (if enabled) normalises each group se
 from __future__ import annotations
 
 import itertools
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
+from growjax.errors import UserError
 from growjax.models.growth import Growth, GrowthError, check_layer_names
 from growjax.nn import MultiInputDense, NormScale, lecun_normal_flat, lora
 
@@ -62,6 +64,9 @@ class FcHeadNet(nn.Module):
     identity). Impossible, and so an error, with NormScale (it rescales the old units) or with an
     fc_a whose width differs from fc7's.
     """
+    FC_UNITS: ClassVar[int]  # fc6's and fc7's width at width=1 (the published networks' 4096)
+    MIN_INPUT_SIZE: ClassVar[int] = 1  # smallest input side the trunk's pools keep a map for
+
     num_classes: int = 1000
     growth: Growth | None = None
     dropout_rate: float = 0.5
@@ -115,11 +120,17 @@ class FcHeadNet(nn.Module):
 
     @property
     def fc6_units(self) -> int:
-        raise NotImplementedError
+        return self._units(self.FC_UNITS)
 
     @property
     def fc7_units(self) -> int:
-        raise NotImplementedError
+        return self._units(self.FC_UNITS)
+
+    def _check_input_size(self, x: jax.Array) -> None:
+        if min(x.shape[1:3]) < self.MIN_INPUT_SIZE:
+            raise UserError(f'{type(self).__name__} needs inputs of at least {self.MIN_INPUT_SIZE}x'
+                            f'{self.MIN_INPUT_SIZE}, got {x.shape[1]}x{x.shape[2]}: smaller maps vanish in the '
+                            'max-pools.')
 
     def trunk(self, x: jax.Array, train: bool) -> jax.Array:
         raise NotImplementedError

@@ -16,16 +16,18 @@ class SmallCNN(FcHeadNet):
     sets the units of fc6 and fc7 alone (0: 256 x width), to vary the source model's capacity
     where growth happens without changing its convolutions.
     """
+    FC_UNITS = 256
+
     dropout_rate: float = 0.0
     fc_width: int = 0
 
     @property
     def fc6_units(self) -> int:
-        return self.fc_width or self._units(256)
+        return self.fc_width or super().fc6_units
 
     @property
     def fc7_units(self) -> int:
-        return self.fc_width or self._units(256)
+        return self.fc_width or super().fc7_units
 
     def trunk(self, x: jax.Array, train: bool) -> jax.Array:
         del train

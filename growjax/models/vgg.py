@@ -4,15 +4,11 @@ from __future__ import annotations
 import jax
 import flax.linen as nn
 
-from growjax.errors import UserError
 from growjax.models.head import FcHeadNet
 from growjax.nn import adaptive_avg_pool, lecun_normal_flat
 
 # (channels, convs) per block; block b's convs are conv{b}_1, conv{b}_2, ...
 _BLOCKS = ((64, 2), (128, 2), (256, 3), (512, 3), (512, 3))
-
-# Smallest input side for which the last max-pool still sees a full window (torch fails below it too).
-MIN_INPUT_SIZE = 32
 
 
 class VGG16(FcHeadNet):
@@ -25,19 +21,12 @@ class VGG16(FcHeadNet):
     (224x224 is the usual size).
     """
 
-    @property
-    def fc6_units(self) -> int:
-        return self._units(4096)
-
-    @property
-    def fc7_units(self) -> int:
-        return self._units(4096)
+    FC_UNITS = 4096
+    MIN_INPUT_SIZE = 32  # the last max-pool still sees a full window (torch fails below it too)
 
     def trunk(self, x: jax.Array, train: bool) -> jax.Array:
         del train
-        if min(x.shape[1:3]) < MIN_INPUT_SIZE:
-            raise UserError(f'VGG16 needs inputs of at least {MIN_INPUT_SIZE}x{MIN_INPUT_SIZE}, got '
-                             f'{x.shape[1]}x{x.shape[2]}: smaller maps vanish in the max-pools.')
+        self._check_input_size(x)
         for block, (channels, convs) in enumerate(_BLOCKS, start=1):
             for index in range(1, convs + 1):
                 x = nn.Conv(self._units(channels), (3, 3), padding=((1, 1), (1, 1)), dtype=self.dtype,
