@@ -41,6 +41,8 @@ from growjax.grow import Path, _init_leaves, _split_static, flatten, path_str, u
 
 PyTree = Any
 
+# expand's function check for half-precision models: relative to max(1, max |logit|).
+HALF_PRECISION_TOLERANCE = 3e-2
 # Optimiser slots that hold squared gradients: mapped with the square of the gradient's scale.
 SECOND_MOMENT_FIELDS = frozenset({'nu', 'nu_max', 'nu_hat', 'sum_of_squares'})
 
@@ -283,6 +285,11 @@ def expansion_plan(small_model: nn.Module, big_model: nn.Module, *sample_inputs,
         if not any(pattern.fullmatch(path_str(path)) for path in big_modules):
             raise ExpandError(f'fused={{{pattern.pattern!r}: ...}} matches no module of the big model '
                               f'(modules: {sorted(path_str(p) for p in big_modules if p)[:12]} ...).')
+    for pattern in read_patterns:
+        if not any(pattern.fullmatch(path_str(path[1:])) for path in big_shapes):
+            raise ExpandError(f'reads={{{pattern.pattern!r}: ...}} matches no leaf of the big model (it fully matches '
+                              f"leaf paths such as {path_str(next(iter(big_shapes))[1:])!r}); a leaf it misses would be "
+                              'tiled as an output.')
     zeroed = _zeroed_modules(set(small_modules), set(big_modules), zero_patterns, zero)
     groups = _layer_groups(set(small_modules), set(big_modules)) if depth == 'stack' else {}
     if stack == 'repeat':
@@ -500,9 +507,18 @@ def check_function(small_variables: Mapping, small_model: nn.Module, big_variabl
                    *sample_inputs, fused: Iterable[tuple[Path, int]] = (), tolerance: float = 1e-4,
                    guessed: Sequence[str] = ()) -> float:
     """max |big logits - small logits| on sample_inputs; raises NotPreservedError above
-    tolerance x max(1, max |small logits|), naming the first module whose output differs."""
-    small_out = small_model.apply(small_variables, *sample_inputs)
-    big_out = big_model.apply(big_variables, *sample_inputs)
+    tolerance x max(1, max |small logits|), naming the first module whose output differs.
+
+    float32 matmuls run at full precision (GPUs' default TF32 would round them to ~1e-3). A model
+    that computes in bfloat16/float16 sums the split copies in another order than the small model
+    sums the original: its tolerance is HALF_PRECISION_TOLERANCE (a GPT 2x32 -> 4x64 in bfloat16
+    differs by 0.056 at max |logit| 4.1, 1.3%)."""
+    with jax.default_matmul_precision('highest'):
+        small_out = small_model.apply(small_variables, *sample_inputs)
+        big_out = big_model.apply(big_variables, *sample_inputs)
+    if small_out.dtype in (jnp.bfloat16, jnp.float16):
+        tolerance = max(tolerance, HALF_PRECISION_TOLERANCE)
+    small_out, big_out = small_out.astype(jnp.float32), big_out.astype(jnp.float32)
     gap = float(jnp.max(jnp.abs(big_out - small_out))) if big_out.shape == small_out.shape else math.inf
     if gap <= tolerance * max(1.0, float(jnp.max(jnp.abs(small_out)))):
         return gap

@@ -304,12 +304,21 @@ def cumulative_flops(all_stages: Sequence[Stage], flops: Sequence[float], step: 
 # Growth
 
 
+def growth_plan(config, small, big, sample: jax.Array):
+    """How `big`'s leaves come from `small`'s: new blocks from the big init with `growth.zero` at zero
+    (identities), or, with growth.new_layers='stack', copies of small blocks as they are (G_stack;
+    zeroing their residual outputs would make the copies identities too)."""
+    g = config.growth
+    zero = (g.zero or None) if g.new_layers == 'zero' else None
+    return expansion_plan(small, big, sample, zero=zero, depth=g.new_layers)
+
+
 def grow(config, state: steps.TrainState, small, big, stage: Stage, sample: jax.Array, replicated
          ) -> steps.TrainState:
     """The state of `big` grown from that of `small` (parameters and optimiser state), under jit with
     the state's replicated sharding, so the grown state lies on the mesh as the old one did."""
     g = config.growth
-    plan = expansion_plan(small, big, sample, zero=g.zero or None, depth=g.new_layers)
+    plan = growth_plan(config, small, big, sample)
     key = jax.random.fold_in(jax.random.key(config.seed), stage.index)
 
     def grown(params, opt_state, key):

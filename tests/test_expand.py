@@ -339,6 +339,9 @@ def test_unknown_layout_is_caught_and_can_be_declared():
     assert "['params/w']" in message and 'reads=' in message, message  # the guessed leaf and the option
     big_vars = expand(small_vars, small, big, _tokens(), rng=_key(), reads={'w': (0,)})
     assert _logit_gap(small_vars, small, big_vars, big, _tokens()) < 1e-5
+    # a reads pattern that matches no leaf would leave it tiled as an output, unseen under jit
+    message = _error(lambda: expansion_plan(small, big, _tokens(), reads={'proj/w': (0,)}))
+    assert "reads={'proj/w'" in message and 'matches no leaf' in message, message
 
 
 def test_nnx_models_and_unmatched_zero_are_refused():

@@ -118,6 +118,20 @@ def test_learning_rate_continues_or_rewarms_after_growth(tiny_lm):
         assert float(rewarmed(growth_step + 4)) == pytest.approx(float(continued(growth_step + 4)))
 
 
+@pytest.mark.parametrize('new_layers', ['zero', 'stack'])
+def test_new_layers_start_as_identities_or_as_copies(tiny_lm, new_layers):
+    """'stack' copies small blocks whole (G_stack); growth.zero applies to fresh blocks only (it once
+    zeroed the copies' residual outputs too, turning G_stack into identity blocks)."""
+    config = tiny_lm(**{'growth.new_layers': new_layers, 'growth.width': (16,)})
+    first, second = lm_train.stages(config)
+    small, big = lm_train.build_model(config, first), lm_train.build_model(config, second)
+    plan = lm_train.growth_plan(config, small, big, jnp.zeros((1, 32), jnp.int32))
+    fc2 = plan.leaves[('params', 'block_1', 'mlp', 'fc2', 'kernel')]
+    assert fc2.zero == (new_layers == 'zero')
+    assert (fc2.source == ('params', 'block_0', 'mlp', 'fc2', 'kernel')) == (new_layers == 'stack')
+    assert plan.preserving == (new_layers == 'zero')
+
+
 def test_growth_keeps_the_state_replicated_on_the_mesh(tiny_lm):
     config = tiny_lm()
     first, second = lm_train.stages(config)

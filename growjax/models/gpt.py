@@ -6,6 +6,7 @@ then x + mlp(ln_2(x))), a final LayerNorm and an untied linear head over the voc
 It is a plain linen module on purpose, so growjax can grow it like any other (wider, deeper, more
 heads): the head is not tied to the embedding, head_dim is width // num_heads, and the causal mask
 is passed to flax's attention as an argument (growjax.surgery sees it and keeps new heads causal).
+It grows into a bigger GPT during training with growjax.expand (growjax/lm_train.py).
 Parameter names, in forward order: 'embed', 'pos_embed', 'block_0' .. 'block_{depth-1}' (each
 'ln_1', 'attn' with flax's 'query'/'key'/'value'/'out', 'ln_2', 'mlp' with 'fc1'/'fc2'), 'ln_f',
 'head'.
@@ -67,7 +68,7 @@ class GPT(nn.Module):
     mlp_dim: the MLP's hidden width (GPT-2: 4 * width); max_len: the longest sequence (the rows of
     'pos_embed'). dropout: on the embeddings, the attention weights and each residual branch, only
     when called with train=True (needs a 'dropout' rng). dtype: the compute dtype; parameters stay
-    float32. growth must be None (models.get passes it): a GPT is grown with growjax.surgery.
+    float32. growth must be None (models.get passes it): a GPT grows with growjax.expand (or growjax.surgery).
     """
     vocab_size: int = 256
     width: int = 256
@@ -81,7 +82,7 @@ class GPT(nn.Module):
 
     def __post_init__(self):
         if self.growth is not None:
-            raise GrowthError('GPT takes no Growth spec (growth must be None): a GPT is grown with growjax.surgery.')
+            raise GrowthError('GPT takes no Growth spec (growth must be None): a GPT grows with growjax.expand (or growjax.surgery).')
         sizes = {field: getattr(self, field)
                  for field in ('vocab_size', 'width', 'depth', 'num_heads', 'mlp_dim', 'max_len')}
         bad = [f'{field}={value!r}' for field, value in sizes.items()

@@ -455,7 +455,8 @@ def no_kernel_to_zero(op: InsertAfter) -> SurgeryError:
 
 def function_tolerance(reference) -> float:
     """How far an operation that keeps the function may move the output: float32 rounding, relative
-    to the output's scale (1e-5 x max(1, max |output|)); 1e-2 x that for half-precision outputs.
+    to the output's scale (1e-5 x max(1, max |output|)); 1e-2 x max(1, max |output|) for
+    half-precision outputs.
 
     The checks run with float32 matmuls at full precision (jax.default_matmul_precision('highest')):
     new parts that start at zero add exact zeros and an identity layer copies its input, so the one
