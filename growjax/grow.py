@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import functools
 import re
+import warnings
 from typing import Any, Iterable, Mapping, Protocol, Sequence, runtime_checkable
 
 import jax
@@ -159,7 +160,7 @@ def _init_leaves(model, paths: frozenset[Path] | None, sample_args: Sequence):
 
 
 def grow_params(pretrained_variables: Mapping, model, rng: jax.Array, *sample_args,
-                reinit: str | Iterable[str] = (), preserve_function: bool = False) -> dict:
+                reinit: str | Iterable[str] = (), preserve_function: bool = False, check: bool = True) -> dict:
     """Initialises the grown `model` and grafts every pretrained leaf into it, unchanged.
 
     New units get the model's own (fan-in aware) initialisers: they are the leaves of
@@ -171,6 +172,10 @@ def grow_params(pretrained_variables: Mapping, model, rng: jax.Array, *sample_ar
     GraftError naming its path and both shapes, unless one of the `reinit` regexes (over
     'params/a/b' or 'a/b' paths) matches it: then the grown model's fresh init is used (e.g.
     reinit='^classifier/' for a new task).
+
+    check: for a model that knows how it was grown (growjax.surgery's), run its check_growth on the
+    sample input (the function where operations claim to keep it, gradients of zeroed layers). It
+    needs values: under an outer jit it warns instead, and the caller runs it on the result.
 
     preserve_function=True asks the model to initialise its new parts so the grown network
     computes exactly what the pretrained one did (zero fan-in from new units, identity inserted
@@ -202,8 +207,13 @@ def grow_params(pretrained_variables: Mapping, model, rng: jax.Array, *sample_ar
     fresh = init_new(rng, *arrays)
     grown = unflatten({path: pretrained_flat[path] if path in copied else
                        pretrained_flat[sources[path]] if path in sources else fresh[path] for path in shapes})
-    if isinstance(model, GrownModel) and not _traced(pretrained_variables, rng, sample_args):
-        model.check_growth(grown, *sample_args)  # under an outer jit, the caller runs it (e.g. train.init_state)
+    if check and isinstance(model, GrownModel):
+        if _traced(pretrained_variables, rng, sample_args):
+            warnings.warn(f'grow_params under jit cannot check what {type(model).__name__} claims (it needs values): '
+                          'call model.check_growth(variables, *sample_args) on the result outside jit, and pass '
+                          'check=False here.', stacklevel=2)
+        else:
+            model.check_growth(grown, *sample_args)
     return grown
 
 

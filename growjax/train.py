@@ -152,7 +152,7 @@ def init_state(config, model, pretrained, mesh, image_shape):
     else:
         pretrained = jax.device_put(pretrained, replicated)  # wherever it was loaded, onto this mesh
         variables = jax.jit(
-            lambda p, key: grow_params(p, model, key, sample, reinit=tuple(config.init.reinit),
+            lambda p, key: grow_params(p, model, key, sample, reinit=tuple(config.init.reinit), check=False,
                                        preserve_function=config.init.preserve_function),
             out_shardings=replicated)(pretrained, init_rng)
         if isinstance(model, GrownModel):  # what grow_params checks when it is not under jit, as here

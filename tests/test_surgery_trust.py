@@ -337,3 +337,13 @@ def test_a_stacked_copy_changes_the_function_by_design_as_in_nnx(lm):
     assert surgery.report(grown_model, pretrained, grown, TOKENS).changes_function == (surgery.describe(op),)
     with pytest.raises(surgery.SurgeryError, match=r'InsertAfter\(h_1, residual=False\): .*stacks the block'):
         grow(model, pretrained, [op], preserve=True)
+
+
+def test_grow_params_under_jit_says_it_cannot_check(lm):
+    model, pretrained = lm
+    grown_model = surgery.grow(model, [surgery.InsertAfter('h_1', block=lambda: Block())])  # a wrong claim
+    jitted = jax.jit(lambda p: growjax.grow_params(p, grown_model, jax.random.key(2), TOKENS))
+    with pytest.warns(UserWarning, match='cannot check.*check_growth'):
+        variables = jitted(pretrained)
+    with pytest.raises(surgery.SurgeryError, match='does not start as the identity'):
+        grown_model.check_growth(variables, TOKENS)  # what the warning says to run
