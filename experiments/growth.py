@@ -46,6 +46,8 @@ from growjax import models
 from growjax.expand import expansion_plan, rate_scales
 from growjax.lm import next_token_cross_entropy
 
+from experiments import invocations
+
 VERSION = 1  # bump when what a run computes changes: stored runs of another version are not reused
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_PAGE = os.path.join(ROOT, 'docs', 'growth.md')
@@ -716,14 +718,6 @@ def figure_spike(scale: Scale, per_arm: dict, path: str) -> str | None:
     return path
 
 
-def invocations(workdir: str) -> list[dict]:
-    path = os.path.join(workdir, 'invocations.jsonl')
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
 def verdict(results: dict[str, dict], scales: Sequence[Scale]) -> str:
     """The sentence at the top of the page, from the numbers."""
     parts = []
@@ -858,7 +852,7 @@ def write_page(scales: Sequence[Scale], workdir: str, page: str, *, seeds: int =
         sections.append('\n'.join(lines))
 
     sections.append(across_scales(scales, results))
-    log = invocations(workdir)
+    log = invocations.read(workdir)
     header = [
         '# Growing a GPT during training: FLOPs to the big model\'s loss' + (' (quick smoke run)' if quick else ''),
         '',
@@ -948,10 +942,9 @@ def main(argv: Sequence[str]) -> int:
                                         None if f.max_minutes is None else 60 * f.max_minutes)
         finally:
             os.makedirs(f.workdir, exist_ok=True)
-            with open(os.path.join(f.workdir, 'invocations.jsonl'), 'a') as log:
-                log.write(json.dumps({'command': typed, 'computed': computed, 'stopped': stopped,
-                                      'minutes': (time.perf_counter() - started) / 60,
-                                      'date': time.strftime('%Y-%m-%d %H:%M')}) + '\n')
+            invocations.record(f.workdir, {'command': typed, 'computed': computed, 'stopped': stopped,
+                                           'minutes': (time.perf_counter() - started) / 60,
+                                           'date': time.strftime('%Y-%m-%d %H:%M')})
     path = write_page(scales, f.workdir, page, seeds=seeds, command=typed, quick=f.quick)
     print(f'{path} written ({computed} runs computed{", stopped at --max_minutes" if stopped else ""}) in '
           f'{time.perf_counter() - started:.0f} s.')

@@ -57,7 +57,7 @@ from growjax.grow import flatten, grow_params, unflatten
 from growjax.nn import scales_from_data
 
 import experiments
-from experiments import paper, protocol, runner
+from experiments import invocations, paper, protocol, runner
 from experiments.protocol import Variant
 
 AXES = ('size', 'capacity', 'lr', 'convergence', 'forgetting', 'continual', 'gamma')
@@ -854,20 +854,6 @@ def check_recorded(config: ml_collections.ConfigDict) -> None:
                         'not record these keys.')
 
 
-def record_invocation(workdir: str, entry: dict) -> None:
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, 'invocations.jsonl'), 'a') as f:
-        f.write(json.dumps(entry) + '\n')
-
-
-def invocations(workdir: str) -> list[dict]:
-    path = os.path.join(workdir, 'invocations.jsonl')
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
 def main(argv: Sequence[str]) -> int:
     from absl import flags
     from absl import logging as absl_logging
@@ -913,13 +899,13 @@ def main(argv: Sequence[str]) -> int:
     m = Map(f.config, settings, f.workdir, max_seconds=None if f.max_minutes is None else 60 * f.max_minutes)
     if not f.report_only:
         run_axes(m, axes, filters)
-        record_invocation(f.workdir, {'command': typed, 'axes': list(axes), 'only': list(f.only or ()),
+        invocations.record(f.workdir, {'command': typed, 'axes': list(axes), 'only': list(f.only or ()),
                                       'computed': m.computed, 'minutes': (time.perf_counter() - started) / 60,
                                       'compute_minutes': m.compute_seconds / 60, 'stopped': m.stopped,
                                       'date': time.strftime('%Y-%m-%d %H:%M')})
     docs_dir = f.docs or (os.path.join(f.workdir, 'docs') if f.quick else experiments.DOCS)
     results = collect(m)
-    path = map_report.write(m, results, docs_dir, command=typed, invocations=invocations(f.workdir))
+    path = map_report.write(m, results, docs_dir, command=typed, invocations=invocations.read(f.workdir))
     print(f'{path} written ({m.computed} groups computed{", stopped at --max_minutes" if m.stopped else ""}) in '
           f'{time.perf_counter() - started:.0f} s.')
     return 0

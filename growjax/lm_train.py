@@ -348,12 +348,7 @@ class Stepper:
 
 def evaluate(eval_step, state, batches) -> dict[str, float]:
     """Mean next-byte loss (nats) and bits per byte over every real byte of the batches."""
-    totals = None
-    for batch in batches:
-        out = eval_step(state, batch)
-        totals = out if totals is None else jax.tree_util.tree_map(jnp.add, totals, out)
-    batches.close()
-    totals = jax.device_get(totals)
+    totals = steps.summed_over(eval_step, state, batches)
     loss = float(totals['loss_sum']) / max(float(totals['count']), 1.0)
     return {'loss': loss, 'bits_per_byte': float(lm.bits_per_byte(loss)), 'bytes': int(totals['count'])}
 

@@ -163,6 +163,17 @@ def make_eval_step(model) -> Callable:
     return eval_step
 
 
+def summed_over(eval_step: Callable, state, batches) -> dict:
+    """The eval step's sums (losses, counts, ...) added up over every batch on device and fetched once;
+    closes the batch iterator. Every job's evaluation divides these."""
+    totals = None
+    for batch in batches:
+        out = eval_step(state, batch)
+        totals = out if totals is None else jax.tree_util.tree_map(jnp.add, totals, out)
+    batches.close()
+    return jax.device_get(totals)
+
+
 def data_mesh(devices=None) -> Mesh:
     """A 1-D mesh over all devices of all processes: the batch is split over it, params replicated."""
     return Mesh(np.array(jax.devices() if devices is None else devices), ('data',))

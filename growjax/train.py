@@ -130,12 +130,7 @@ def make_data(config: ml_collections.ConfigDict, mesh):
 
 def evaluate(eval_step, state, batches) -> dict[str, float]:
     """Exact loss and accuracy over a split (padding masked out)."""
-    totals = None
-    for batch in batches:
-        out = eval_step(state, batch)
-        totals = out if totals is None else jax.tree_util.tree_map(jnp.add, totals, out)
-    batches.close()
-    totals = jax.device_get(totals)
+    totals = steps.summed_over(eval_step, state, batches)
     count = max(float(totals['count']), 1.0)
     return {'loss': float(totals['loss_sum']) / count, 'accuracy': float(totals['correct']) / count,
             'examples': int(totals['count'])}
