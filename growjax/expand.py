@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import warnings
 import zlib
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -390,7 +391,7 @@ def expand(small_variables: Mapping, small_model: nn.Module, big_model: nn.Modul
     check: run both models on sample_inputs and raise NotPreservedError, naming the first module whose
         output differs, unless the logits agree within tolerance x max(1, max |small logits|).
         None: where preservation is claimed (depth='zero', or `zero` given) and values are concrete
-        (under jit it cannot run: call check_function on the result).
+        (under jit it cannot run: it warns; call check_function on the result and pass check=False).
     plan: a precomputed expansion_plan (to grow the optimiser state with the same mapping); it was
         built with its own zero / fused / reads / depth / stack, so those arguments are then not used.
 
@@ -422,7 +423,12 @@ def expand(small_variables: Mapping, small_model: nn.Module, big_model: nn.Modul
             grown[path] = _expand_leaf(small_flat[leaf.source], leaf.axes, noise, _leaf_key(noise_key, path))
     big_variables = unflatten(grown)
     if check is None:
-        check = plan.preserving and not _is_traced((small_variables, sample_inputs))
+        traced = _is_traced((small_variables, sample_inputs))
+        if plan.preserving and traced:
+            warnings.warn('expand under jit cannot check that the big model computes the small one\'s function (it '
+                          'needs values): call growjax.expand.check_function on the result outside jit, and pass '
+                          'check=False here.', stacklevel=2)
+        check = plan.preserving and not traced
     if check:
         if _is_traced((small_variables, sample_inputs)):
             raise ExpandError('expand(check=True) under jit: the check needs values; pass check=False and call '
