@@ -12,7 +12,8 @@ maps the gain of each growth method over fine-tuning along the axes that separat
 
 - `size`: examples per class (1 .. 50 and the full train split) x target (Greek letters: near;
   handwritten digits: far; letters of other scripts, 131 classes: far and larger) x method
-  (WA-grow, WA-ori, DA, WWA, classic LoRA, and WA-grow with NormScale's scales set from data).
+  (WA-grow, NormScale only, WA-ori, DA, WWA, classic LoRA, and WA-grow with NormScale's scales set
+  from data). NormScale only is WA-grow's control: its rescaling of the old units without new units.
   Training steps grow with the data (`epochs` over the examples, at least `min_steps`).
 - `capacity`: the source model's fc6/fc7 width (its own pretrained source model per width) x
   S, the units WA adds, relative to it.
@@ -25,9 +26,11 @@ maps the gain of each growth method over fine-tuning along the axes that separat
   classifier kept, for NormScale's constant gamma and for gamma set from data.
 
 Protocols. Every (cell, method) sweeps the same learning rates; the sweep seeds select on the
-validation split. Two readings of the same runs: per-method (each method at its own chosen rate)
+validation split; a choice at the lowest or highest rate tried widens the sweep along a ladder
+(protocol.sweep) until a worse rate was tried on each side of it. Two readings of the same runs: per-method (each method at its own chosen rate)
 and shared (every method at the rate chosen for fine-tuning, the paper's one rate for all), so
-every seed of every method also runs at fine-tuning's rate. Test accuracy, paired over seeds.
+every seed of every method also runs at fine-tuning's rate. Test accuracy, paired over seeds; a run
+that diverged or ended at chance (protocol.collapsed) is labelled and left out of means and tests.
 
 Runs are stored under WORKDIR/runs (one JSON per (cell, method), a fingerprint of everything a
 run depends on, runs kept by (seed, learning rate)); an interrupted invocation resumes where it
@@ -71,7 +74,8 @@ class MapSettings:
     methods: tuple[str, ...]  # METHODS names; 'finetune' is the reference and always runs first
     seeds: int
     sweep_seeds: int
-    learning_rates: tuple[float, ...]
+    learning_rates: tuple[float, ...]  # every sweep's base rates
+    rate_ladder: tuple[float, ...]  # rates a sweep widens into while its choice is at an edge (protocol.sweep)
     batch_size: int
     epochs: float  # steps = max(min_steps, ceil(epochs * examples / batch_size))
     min_steps: int
@@ -98,12 +102,12 @@ class MapSettings:
 
 FULL = MapSettings(
     tasks=('growjax_greek', 'growjax_digits', 'growjax_scripts'), sizes=(1, 2, 5, 10, 20, 50, 0),
-    methods=('finetune', 'wa', 'wa_ori', 'da', 'wwa', 'lora', 'wa_data'), seeds=5, sweep_seeds=2,
-    learning_rates=(0.001, 0.003, 0.01, 0.03), batch_size=32, epochs=10, min_steps=60, evaluations=4,
+    methods=('finetune', 'wa', 'normscale', 'wa_ori', 'da', 'wwa', 'lora', 'wa_data'), seeds=5, sweep_seeds=2,
+    learning_rates=(0.001, 0.003, 0.01, 0.03), rate_ladder=protocol.RATE_LADDER, batch_size=32, epochs=10, min_steps=60, evaluations=4,
     units=128, capacity_cell=('growjax_scripts', 5), widths=(64, 128, 256, 512, 1024), ratios=(0.125, 0.5, 2.0),
     capacity_ori_ratio=0.5, lr_cell=('growjax_greek', 5), lr_methods=('finetune', 'wa', 'wa_ori', 'wa_data',
                                                                         'wa_data_first'),
-    convergence_factor=2, convergence_seeds=3, convergence_methods=('finetune', 'wa'), forgetting_sizes=(5, 20),
+    convergence_factor=2, convergence_seeds=3, convergence_methods=('finetune', 'wa', 'normscale'), forgetting_sizes=(5, 20),
     forgetting_methods=('finetune', 'wa', 'wa_ori', 'da', 'wwa', 'lora', 'wa_data'),
     continual_a=('growjax_greek', 20), continual_b=('growjax_scripts', 10),
     continual_arms=('ft_ft', 'ft_wa', 'wa_ft', 'wa_wwa'), gamma_units=(32, 128, 512), gamma_seeds=5,
@@ -111,8 +115,8 @@ FULL = MapSettings(
 # Every axis once, small: the first target (cells given as ('', shots) take it), two sizes, seeds and
 # rates, a few steps; units=0 is half the source model's fc width, widths=() the source model's alone.
 QUICK = dataclasses.replace(
-    FULL, tasks=('growjax_greek',), sizes=(1, 0), methods=('finetune', 'wa', 'wa_data'), seeds=2,
-    sweep_seeds=1, learning_rates=(0.003, 0.01), epochs=1, min_steps=6, evaluations=2, units=0,
+    FULL, tasks=('growjax_greek',), sizes=(1, 0), methods=('finetune', 'wa', 'normscale', 'wa_data'), seeds=2,
+    sweep_seeds=1, learning_rates=(0.003, 0.01), rate_ladder=(0.001, 0.003, 0.01, 0.03), epochs=1, min_steps=6, evaluations=2, units=0,
     capacity_cell=('', 1), widths=(), ratios=(0.25, 0.5), capacity_ori_ratio=None, lr_cell=('', 1),
     lr_methods=('finetune', 'wa'), convergence_seeds=2, forgetting_sizes=(1,), forgetting_methods=('finetune', 'wa'),
     continual_a=('', 1), continual_b=('', 0), continual_arms=('ft_ft', 'wa_wwa'), gamma_units=(16,), gamma_seeds=2,
@@ -152,6 +156,8 @@ def make_method(name: str, base, units: int, num_classes: int) -> MapMethod:
         return MapMethod('wa', 'wa', s, label='WA-grow')
     if name == 'wa_ori':
         return MapMethod('wa_ori', 'wa_ori', s, label='WA-ori')
+    if name == 'normscale':  # WA-grow's rescaling of the old units without its new units: the control
+        return MapMethod('normscale', 'normscale', label='NormScale only')
     if name == 'da':
         return MapMethod('da', 'da', s, label='DA')
     if name == 'wwa':
@@ -166,7 +172,7 @@ def make_method(name: str, base, units: int, num_classes: int) -> MapMethod:
     raise UserError(f'Unknown map method {name!r}; methods: {list(METHOD_NAMES)}.')
 
 
-METHOD_NAMES = ('finetune', 'wa', 'wa_ori', 'da', 'wwa', 'lora', 'wa_data', 'wa_data_first')
+METHOD_NAMES = ('finetune', 'wa', 'normscale', 'wa_ori', 'da', 'wwa', 'lora', 'wa_data', 'wa_data_first')
 
 
 def sized(method: MapMethod, units: int) -> MapMethod:
@@ -270,6 +276,11 @@ class Map:
         """`shots` as the map stores it for this dataset (see sizes)."""
         return self.sizes(dataset, [shots])[0]
 
+    def chance_limit(self, dataset: str) -> float:
+        """Test accuracy at or below which a run on `dataset` collapsed (protocol.chance_limit)."""
+        task = self.task(dataset)
+        return protocol.chance_limit(task.num_classes, len(task.test.labels))
+
     def examples(self, dataset: str, shots: int) -> int:
         counts = self.class_counts(dataset)
         return int(counts.sum()) if shots == 0 else shots * len(counts)
@@ -337,13 +348,17 @@ class Map:
         return dataclasses.replace(settings, **overrides)
 
     def group(self, cell: Cell, *, extra_rates: Sequence[float] = (), settings: protocol.Settings | None = None,
-              trainer: Callable[[], Any] | None = None, pretrained_id: str | None = None) -> dict | None:
-        """The cell's group: stored runs, topped up to the protocol (None if missing and not computing)."""
+              trainer: Callable[[], Any] | None = None, pretrained_id: str | None = None,
+              widen: bool = True) -> dict | None:
+        """The cell's group: stored runs, topped up to the protocol (None if missing and not computing);
+        widen=False keeps the sweep to settings.learning_rates (a check at a rate already chosen)."""
         expected = self.expected(cell, pretrained_id)
         path = cell.path(self.workdir)
         group = paper.load_group(path, expected)
         settings = settings or self.protocol_settings()
-        if not self.compute or (group is not None and complete(group, settings, extra_rates)) or self.out_of_time():
+        ladder = self.settings.rate_ladder if widen else ()
+        if not self.compute or (group is not None and complete(group, settings, extra_rates, ladder)) \
+                or self.out_of_time():
             return group
         started = time.perf_counter()
         runs = [] if group is None else group['runs']
@@ -358,7 +373,7 @@ class Map:
         fit = (trainer or (lambda: self.trainer(cell)))()
         result = protocol.run_protocol(fit, cell.shots, settings, runs=runs, extra_rates=extra_rates,
                                        run_kwargs={'num_steps': cell.steps, 'eval_every': cell.eval_every},
-                                       saved=saved)
+                                       saved=saved, ladder=ladder)
         seconds = time.perf_counter() - started
         group = {'fingerprint': expected, **result, 'seconds': spent + seconds}
         paper.save_group(path, group)
@@ -396,15 +411,15 @@ class Map:
         return variables, curves.to_json()
 
 
-def complete(group: dict, settings: protocol.Settings, extra_rates: Sequence[float] = ()) -> bool:
-    """Whether the group holds every run the protocol asks for (sweep, chosen rate, extra rates)."""
+def complete(group: dict, settings: protocol.Settings, extra_rates: Sequence[float] = (),
+             ladder: Sequence[float] = ()) -> bool:
+    """Whether the group holds every run the protocol asks for (widened sweep, chosen rate, extra rates)."""
     have = {(r['seed'], r['learning_rate']) for r in group['runs']}
     seeds = list(range(settings.seeds))
-    sweep = seeds[:settings.sweep_seeds]
-    if any((s, float(lr)) not in have for s in sweep for lr in settings.learning_rates):
+    swept = protocol.sweep(group['runs'], seeds[:settings.sweep_seeds], settings.learning_rates, ladder)
+    if swept.chosen is None or swept.next_rate is not None:
         return False
-    chosen = protocol.select_learning_rate(group['runs'], sweep, [float(lr) for lr in settings.learning_rates])
-    return all((s, float(lr)) in have for s in seeds for lr in (chosen, *extra_rates))
+    return all((s, float(lr)) in have for s in seeds for lr in (swept.chosen, *extra_rates))
 
 
 def resolve(settings: MapSettings, width: int) -> MapSettings:
@@ -467,19 +482,19 @@ def axis_size(m: Map, filters: Filters = Filters()) -> dict:
                 with _Admit(m, filters.admit(dataset, shots, width, name)):
                     group = m.group(cell, extra_rates=shared)
                 if group is not None:
-                    found[(dataset, shots, name)] = with_choice(group, m)
+                    found[(dataset, shots, name)] = with_choice(group, m, dataset)
     return found
 
 
-def with_choice(group: dict, m: Map) -> dict:
-    """The group with its chosen rate (a partial group stored mid-way has none)."""
-    settings = m.protocol_settings()
-    sweep = list(range(settings.sweep_seeds))
-    have = {(r['seed'], r['learning_rate']) for r in group['runs']}
-    if any((s, float(lr)) not in have for s in sweep for lr in settings.learning_rates):
-        return {**group, 'chosen_lr': None}
-    return {**group, 'chosen_lr': protocol.select_learning_rate(group['runs'], sweep,
-                                                                [float(lr) for lr in settings.learning_rates])}
+def with_choice(group: dict, m: Map, dataset: str) -> dict:
+    """The group as the report reads it: its widened sweep replayed ('chosen_lr', None for a group stored
+    before its sweep finished; 'rates', the rates swept; 'at_edge', chosen at the ladder's end) and
+    'chance_limit', the test accuracy at or below which a run of it on `dataset` collapsed."""
+    s = m.settings
+    swept = protocol.sweep(group['runs'], list(range(s.sweep_seeds)), s.learning_rates, s.rate_ladder)
+    chosen = swept.chosen if swept.next_rate is None else None
+    return {**group, 'chosen_lr': chosen, 'rates': list(swept.rates), 'at_edge': swept.at_edge,
+            'chance_limit': m.chance_limit(dataset)}
 
 
 class _Admit:
@@ -511,6 +526,7 @@ def capacity_plan(m: Map) -> list[tuple[int, str, float | None]]:
     plan = []
     for width in s.widths:
         plan.append((width, 'finetune', None))
+        plan.append((width, 'normscale', None))  # the rescaling alone: WA-grow's control at this width
         plan += [(width, 'wa', ratio) for ratio in s.ratios]
         if s.capacity_ori_ratio is not None:
             plan.append((width, 'wa_ori', s.capacity_ori_ratio))
@@ -529,7 +545,7 @@ def axis_capacity(m: Map, filters: Filters = Filters()) -> dict:
             shared = [ft['chosen_lr']] if ft and name != 'finetune' and ft.get('chosen_lr') else []
             group = m.group(cell, extra_rates=shared)
         if group is not None:
-            found[(width, name, ratio)] = with_choice(group, m)
+            found[(width, name, ratio)] = with_choice(group, m, dataset)
     return found
 
 
@@ -543,7 +559,7 @@ def axis_lr(m: Map, filters: Filters = Filters()) -> dict:
             group = m.group(m.cell(dataset, shots, m.method(name, dataset), m.width),
                             extra_rates=m.settings.learning_rates)
         if group is not None:
-            found[name] = with_choice(group, m)
+            found[name] = with_choice(group, m, dataset)
     return found
 
 
@@ -563,9 +579,9 @@ def axis_convergence(m: Map, size: dict, filters: Filters = Filters()) -> dict:
                 with _Admit(m, filters.admit(dataset, shots, m.width, name)):
                     cell = m.cell(dataset, shots, m.method(name, dataset), m.width, factor=s.convergence_factor,
                                   tag=f'x{s.convergence_factor}')
-                    group = m.group(cell, settings=settings)
+                    group = m.group(cell, settings=settings, widen=False)
                 if group is not None:
-                    found[(dataset, shots, name)] = (base, group)
+                    found[(dataset, shots, name)] = (base, {**group, 'chance_limit': m.chance_limit(dataset)})
     return found
 
 
@@ -698,11 +714,11 @@ def axis_continual(m: Map, size: dict, filters: Filters = Filters()) -> dict:
         with _Admit(m, filters.admit(a_set, a_shots, m.width, name)):
             a_group = size.get((a_set, a_shots, name)) or m.group(m.cell(a_set, a_shots, m.method(name, a_set), m.width))
         if a_group is not None:
-            found[('A', name)] = with_choice(a_group, m)
+            found[('A', name)] = with_choice(a_group, m, a_set)
         with _Admit(m, filters.admit(b_set, b_shots, m.width, name)):
             direct = size.get((b_set, b_shots, name)) or m.group(m.cell(b_set, b_shots, m.method(name, b_set), m.width))
         if direct is not None:
-            found[('direct', name)] = with_choice(direct, m)
+            found[('direct', name)] = with_choice(direct, m, b_set)
     for arm, _, a_name, b_name in CONTINUAL_ARMS:
         if arm not in s.continual_arms:
             continue
@@ -738,7 +754,7 @@ def axis_continual(m: Map, size: dict, filters: Filters = Filters()) -> dict:
             except _Stop:
                 group = m.stored(b_cell, a_id)
         if group is not None:
-            found[arm] = with_choice(group, m)
+            found[arm] = with_choice(group, m, b_set)
     return found
 
 

@@ -14,11 +14,12 @@ from typing import Sequence
 
 import numpy as np
 
-from experiments import report
+from experiments import protocol, report
 
 FIGURES = report.FIGURE_DIR
 TASK_NAMES = {'growjax_greek': 'Greek letters (near)', 'growjax_digits': 'Handwritten digits (far)',
               'growjax_scripts': 'other scripts, 131 classes (far, larger)'}
+VERDICT_WORDS = {1: 'ahead', 0: 'no significant difference', -1: 'behind'}
 BANDS = (('1-5', (1, 2, 5)), ('10-20', (10, 20)), ('50-full', (50, 0)))
 PROTOCOLS = (('own', 'per-method rate'), ('shared', "fine-tuning's rate for all (the paper's protocol)"))
 
@@ -41,21 +42,44 @@ def size_name(shots: int, full: int | None = None) -> str:
 # Numbers
 
 
-def values(group: dict | None, rate: float | None) -> dict[int, float]:
-    """{seed: test accuracy} of the group's runs at `rate`."""
+def runs_at(group: dict | None, rate: float | None, seeds: int | None = None) -> list[dict]:
+    """The group's runs at `rate` (of the first `seeds` seeds when given: a larger --seeds is not mixed in)."""
     if group is None or rate is None:
-        return {}
-    return {r['seed']: r['test']['accuracy'] for r in group['runs'] if r['learning_rate'] == rate}
+        return []
+    return [r for r in group['runs'] if r['learning_rate'] == rate and (seeds is None or r['seed'] < seeds)]
+
+
+def is_collapsed(group: dict, run: dict) -> bool:
+    """A run that diverged or ended at chance (protocol.collapsed at the group's 'chance_limit')."""
+    return 'chance_limit' in group and protocol.collapsed(run, group['chance_limit'])
+
+
+def values(group: dict | None, rate: float | None, seeds: int | None = None) -> dict[int, float]:
+    """{seed: test accuracy} of the group's runs at `rate`, without the runs that collapsed: those
+    measure a divergence, not the method (`collapsed_seeds` counts them)."""
+    return {r['seed']: r['test']['accuracy'] for r in runs_at(group, rate, seeds) if not is_collapsed(group, r)}
+
+
+def collapsed_seeds(group: dict | None, rate: float | None, seeds: int | None = None) -> list[int]:
+    """The seeds whose run at `rate` collapsed (diverged or ended at chance)."""
+    return sorted(r['seed'] for r in runs_at(group, rate, seeds) if is_collapsed(group, r))
+
+
+def stored_seeds(group: dict | None, rate: float | None, seeds: int | None = None) -> int:
+    """How many seeds ran at `rate`, collapsed or not (whether a cell is complete)."""
+    return len(runs_at(group, rate, seeds))
 
 
 @dataclasses.dataclass(frozen=True)
 class Diff:
-    """Mean of a - b over paired seeds, its 95% t-interval and the paired t-test's p-value."""
+    """Mean of a - b over paired seeds, its 95% t-interval and the paired t-test's p-value; `left_out`
+    seeds collapsed in either arm and are not in it."""
     mean: float
     low: float
     high: float
     n: int
     p: float
+    left_out: int = 0
 
     @property
     def sign(self) -> int:
@@ -63,10 +87,11 @@ class Diff:
 
     def text(self, digits: int = 1) -> str:
         mark = '*' if self.sign else ''
-        return f'{100 * self.mean:+.{digits}f} [{100 * self.low:+.{digits}f}, {100 * self.high:+.{digits}f}]{mark}'
+        out = f' ({self.left_out} collapsed, left out)' if self.left_out else ''
+        return f'{100 * self.mean:+.{digits}f} [{100 * self.low:+.{digits}f}, {100 * self.high:+.{digits}f}]{mark}{out}'
 
 
-def diff(a: dict[int, float], b: dict[int, float] | float) -> Diff | None:
+def diff(a: dict[int, float], b: dict[int, float] | float, left_out: int = 0) -> Diff | None:
     """a - b paired over common seeds (b a number: a one-sample interval); None below 2 seeds."""
     from scipy import stats
     b = b if isinstance(b, dict) else {seed: b for seed in a}
@@ -80,7 +105,50 @@ def diff(a: dict[int, float], b: dict[int, float] | float) -> Diff | None:
         p = 1.0 if d.mean() == 0 else 0.0
     else:
         p = float(2 * stats.t.sf(abs(d.mean()) / (sd / math.sqrt(len(d))), len(d) - 1))
-    return Diff(float(d.mean()), float(d.mean() - half), float(d.mean() + half), len(d), p)
+    return Diff(float(d.mean()), float(d.mean() - half), float(d.mean() + half), len(d), p, left_out)
+
+
+@dataclasses.dataclass(frozen=True)
+class Arm:
+    """One method's runs at one rate, as a comparison reads them: the seeds stored, and those collapsed."""
+    group: dict | None
+    rate: float | None
+    seeds: int | None = None  # only the first `seeds` seeds
+
+    @property
+    def values(self) -> dict[int, float]:
+        return values(self.group, self.rate, self.seeds)
+
+    @property
+    def collapsed(self) -> list[int]:
+        return collapsed_seeds(self.group, self.rate, self.seeds)
+
+    @property
+    def stored(self) -> int:
+        return stored_seeds(self.group, self.rate, self.seeds)
+
+
+def paired(a: Arm, b: Arm, seeds: int) -> Diff | None:
+    """a - b over the seeds where neither collapsed; None for an incomplete cell (fewer than `seeds`
+    stored) or one with fewer than 2 seeds left (`collapsed_text` names it)."""
+    if a.stored < seeds or b.stored < seeds:
+        return None
+    left_out = len(set(a.collapsed) | set(b.collapsed))
+    return diff(a.values, b.values, left_out)
+
+
+def gain_cell(a: Arm, b: Arm, seeds: int, labels: Sequence[str]) -> str:
+    """a - b as a table cell: the paired interval, or which arm collapsed where no test is left."""
+    d = paired(a, b, seeds)
+    if d is not None:
+        return d.text()
+    return '' if a.stored < seeds or b.stored < seeds else collapsed_text((a, b), labels, seeds)
+
+
+def collapsed_text(arms: Sequence[Arm], labels: Sequence[str], seeds: int) -> str:
+    """'collapsed: WA-grow 4 of 5 seeds at chance' for a comparison that collapse left without a test."""
+    parts = [f'{label} {len(arm.collapsed)} of {seeds}' for arm, label in zip(arms, labels) if arm.collapsed]
+    return f'collapsed: {", ".join(parts)} seeds diverged or at chance' if parts else ''
 
 
 def mean_half(values_: dict[int, float] | Sequence[float]) -> tuple[float, float]:
@@ -103,10 +171,20 @@ def dtext(d: Diff | None) -> str:
     return '' if d is None else d.text()
 
 
-def seeds_text(values_: dict[int, float], seeds: int) -> str:
-    """mean_ci, marked when fewer than the planned seeds are stored (a group computed part-way)."""
+def seeds_text(values_: dict[int, float], seeds: int, collapsed: int = 0) -> str:
+    """mean_ci, marked when fewer than the planned seeds are stored (a group computed part-way) and with
+    the seeds that collapsed (left out of the mean)."""
+    if collapsed:
+        text = mean_ci(values_)
+        note = f'{collapsed} of {len(values_) + collapsed} seeds collapsed'
+        return f'{text} ({note}, left out)' if text else f'({note})'
     text = mean_ci(values_)
     return f'{text} ({len(values_)} of {seeds} seeds)' if text and len(values_) < seeds else text
+
+
+def arm_text(arm: 'Arm', seeds: int) -> str:
+    """An arm's test accuracy: seeds_text of the seeds that did not collapse, with the count of those that did."""
+    return seeds_text(arm.values, seeds, len(arm.collapsed))
 
 
 def lora_rank(m, dataset: str) -> int:
@@ -141,17 +219,24 @@ class SizeMap:
         group = self.groups.get((dataset, shots, method if protocol == 'own' else 'finetune'))
         return None if group is None else group.get('chosen_lr')
 
+    def arm(self, dataset: str, shots: int, method: str, protocol: str = 'own') -> Arm:
+        """The method's runs at its rate under `protocol`, over the planned seeds."""
+        return Arm(self.groups.get((dataset, shots, method)), self.rate(dataset, shots, method, protocol),
+                   self.m.settings.seeds)
+
     def accuracies(self, dataset: str, shots: int, method: str, protocol: str = 'own') -> dict[int, float]:
-        """{seed: test accuracy} over the planned seeds (runs of a larger --seeds are not mixed in)."""
-        found = values(self.groups.get((dataset, shots, method)), self.rate(dataset, shots, method, protocol))
-        return {seed: a for seed, a in found.items() if seed < self.m.settings.seeds}
+        """{seed: test accuracy} over the planned seeds, without collapsed runs."""
+        return self.arm(dataset, shots, method, protocol).values
 
     def gain(self, dataset: str, shots: int, method: str, protocol: str, reference: str = 'finetune') -> Diff | None:
-        a = self.accuracies(dataset, shots, method, protocol)
-        b = self.accuracies(dataset, shots, reference, protocol)
-        if len(a) < self.m.settings.seeds or len(b) < self.m.settings.seeds:
-            return None  # incomplete cells are left out
-        return diff(a, b)
+        """method - reference, paired; None for incomplete cells and those collapse left untestable."""
+        return paired(self.arm(dataset, shots, method, protocol), self.arm(dataset, shots, reference, protocol),
+                      self.m.settings.seeds)
+
+    def gain_text(self, dataset: str, shots: int, method: str, protocol: str, reference: str = 'finetune') -> str:
+        """The gain's table cell: its interval, or which arm collapsed where no test is left."""
+        return gain_cell(self.arm(dataset, shots, method, protocol), self.arm(dataset, shots, reference, protocol),
+                         self.m.settings.seeds, [self.labels[name] for name in (method, reference)])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -368,11 +453,16 @@ def capacity_gain(m, capacity: dict, width: int, method: str, ratio, protocol: s
     ft = capacity.get((width, 'finetune', None))
     if group is None or ft is None:
         return None
-    rate_a = group.get('chosen_lr') if protocol == 'own' else ft.get('chosen_lr')
-    a, b = values(group, rate_a), values(ft, ft.get('chosen_lr'))
-    if len(a) < m.settings.seeds or len(b) < m.settings.seeds:
-        return None
-    return diff(a, b)
+    return paired(*capacity_arms(m, capacity, width, method, ratio, protocol), m.settings.seeds)
+
+
+def capacity_arms(m, capacity: dict, width: int, method: str, ratio, protocol: str,
+                  reference: tuple = ('finetune', None)) -> tuple[Arm, Arm]:
+    """(method's arm, reference's arm) at one source width; under 'shared' both at fine-tuning's rate."""
+    group, ref, ft = (capacity.get((width, *key)) for key in ((method, ratio), reference, ('finetune', None)))
+    ft_rate = ft.get('chosen_lr') if ft else None
+    rate = lambda g: (g.get('chosen_lr') if protocol == 'own' else ft_rate) if g else None
+    return Arm(group, rate(group), m.settings.seeds), Arm(ref, rate(ref), m.settings.seeds)
 
 
 def size_tables(size: SizeMap) -> list[str]:
@@ -389,7 +479,7 @@ def size_tables(size: SizeMap) -> list[str]:
                   f'training steps (batch {size.m.settings.batch_size}):', '', head, rule,
                   '| steps | ' + ' | '.join(str(x) for x in steps) + ' |']
         for method in ['finetune', *methods]:
-            cells = [seeds_text(size.accuracies(dataset, s, method), size.m.settings.seeds) for s in sizes]
+            cells = [arm_text(size.arm(dataset, s, method), size.m.settings.seeds) for s in sizes]
             lines.append(f'| {row_label(size.m, method, dataset)} | ' + ' | '.join(cells) + ' |')
         for protocol, label in PROTOCOLS:
             lines += ['', f'Gain over fine-tuning (points, paired, [95% interval], * p < 0.05), {label}:', '', head,
@@ -399,7 +489,7 @@ def size_tables(size: SizeMap) -> list[str]:
                     f'{r:g}' if (r := size.rate(dataset, s, 'finetune', 'own')) else '' for s in sizes) + ' |')
             for method in methods:
                 lines.append(f'| {row_label(size.m, method, dataset)} | ' + ' | '.join(
-                    dtext(size.gain(dataset, s, method, protocol)) for s in sizes) + ' |')
+                    size.gain_text(dataset, s, method, protocol) for s in sizes) + ' |')
         lines += ['', 'Chosen base learning rates (validation, sweep seeds):', '', head, rule]
         for method in ['finetune', *methods]:
             lines.append(f'| {row_label(size.m, method, dataset)} | ' + ' | '.join(
@@ -417,7 +507,9 @@ def region_verdicts(size: SizeMap) -> tuple[list[str], dict]:
     comparisons = [(method, 'finetune', f'{size.labels[method]} − fine-tune') for method in size.methods]
     if 'wa' in size.methods and 'wa_ori' in size.methods:
         comparisons.append(('wa', 'wa_ori', 'WA-grow − WA-ori (normalisation)'))
-    growth = [m for m in size.methods if m not in ('lora',)]
+    if 'wa' in size.methods and 'normscale' in size.methods:
+        comparisons.append(('wa', 'normscale', 'WA-grow − NormScale only (the new units)'))
+    growth = [m for m in size.methods if m not in ('lora', 'normscale')]  # LoRA and the control do not grow
     lines = ['| target | examples per class | comparison | per-method rate | shared rate |', '|---|---|---|---|---|']
     facts = {'up': {'own': [], 'shared': []}, 'down': {'own': [], 'shared': []}, 'cells': 0, 'norm': [],
              'lora_up': [], 'lora_down': [], 'regions': [], 'growth_cells': 0}
@@ -470,14 +562,13 @@ def strongest_case(size: SizeMap, facts: dict, capacity: Sequence[tuple[int, flo
         return ('Strongest case: no growth method is significantly ahead of fine-tuning in any cell of the size axis '
                 '(per-method rates).' + on_capacity)
     dataset, _, shots, method, d = max(ups, key=lambda x: x[4].mean)
-    rates = size.m.settings.learning_rates
     own, ft = size.rate(dataset, shots, method, 'own'), size.rate(dataset, shots, 'finetune', 'own')
-    edge = [f'{name} {r:g}' for name, r in ((size.labels[method], own), ('fine-tune', ft))
-            if r in (min(rates), max(rates))]
+    edge = [f'{size.labels[name]} {size.rate(dataset, shots, name, "own"):g}' for name in (method, 'finetune')
+            if size.groups[(dataset, shots, name)].get('at_edge')]
     return (f'Strongest case (largest significant per-method gain on the size axis): {size.labels[method]} on '
             f'{task_name(dataset)}, {size_name(shots)} per class: {d.text()} points, at rate {own:g} (fine-tune '
             f'{ft:g})'
-            + (f'; at the edge of the sweep: {", ".join(edge)}' if edge else '') + '.' + on_capacity)
+            + (f'; at the edge of the rates swept: {", ".join(edge)}' if edge else '') + '.' + on_capacity)
 
 
 def capacity_sentence_part(capacity: Sequence[tuple[int, float, Diff]]) -> str:
@@ -535,11 +626,12 @@ def closing_note(size: SizeMap, facts: dict, capacity: Sequence[tuple[int, float
     return ' '.join([first, second, third])
 
 
-def convergence_lines(m, convergence: dict) -> list[str]:
+def convergence_lines(m, convergence: dict) -> tuple[list[str], str]:
     """Per (target, size): what doubling the steps adds to each method, and each growth method's gain
-    over fine-tuning with the map's steps and with the doubled ones (the same seeds, chosen rates)."""
+    over fine-tuning with the map's steps and with the doubled ones (the same seeds, chosen rates);
+    and the verdict's sentence: does the longer schedule change any comparison's verdict?"""
     if not convergence:
-        return ['(not run yet)', '']
+        return ['(not run yet)', ''], ''
     s = m.settings
     labels = {n: m.method(n, s.tasks[0]).label for n in s.convergence_methods}
     growth = [n for n in s.convergence_methods if n != 'finetune']
@@ -553,6 +645,7 @@ def convergence_lines(m, convergence: dict) -> list[str]:
              '|---' * (3 + len(s.convergence_methods) + 2 * len(growth)) + '|']
     rows = sorted({(d, sh) for d, sh, _ in convergence}, key=lambda x: (s.tasks.index(x[0]), x[1] or 10 ** 6))
     longer_better = checks = 0
+    verdicts = []  # (row, growth method, verdict at 1x, verdict at the longer schedule)
     for dataset, shots in rows:
         cells, steps, runs = [], '', {}
         for name in s.convergence_methods:
@@ -570,13 +663,97 @@ def convergence_lines(m, convergence: dict) -> list[str]:
             cells.append(dtext(d))
             steps = f'{longer["fingerprint"]["steps"] // factor} → {longer["fingerprint"]["steps"]}'
         for name in growth:
-            for i in (0, 1):
-                both = name in runs and 'finetune' in runs
-                cells.append(dtext(diff(runs[name][i], runs['finetune'][i])) if both else '')
+            both = name in runs and 'finetune' in runs
+            pair = [diff(runs[name][i], runs['finetune'][i]) if both else None for i in (0, 1)]
+            cells += [dtext(d) for d in pair]
+            if all(d is not None for d in pair):
+                verdicts.append((f'{short_task(dataset)} {size_name(shots)} {labels[name]}', *(d.sign for d in pair)))
         lines.append(f'| {short_task(dataset)} | {size_name(shots)} | {steps} | ' + ' | '.join(cells) + ' |')
+    changed = [f'{row} ({VERDICT_WORDS[a]} → {VERDICT_WORDS[b]})' for row, a, b in verdicts if a != b]
+    sentence = (f'Schedule: {factor}x the steps was significantly better in {longer_better} of {checks} (target, size, '
+                f'method) checks, yet the verdict of each growth method against fine-tuning (ahead, no significant '
+                f'difference, behind) is the same at 1x and {factor}x in {len(verdicts) - len(changed)} of '
+                f'{len(verdicts)} comparisons on the convergence seeds'
+                + (f'; it changes in {"; ".join(changed)}.' if changed else '.'))
     return lines + ['', f'{factor}x the steps was significantly better in {longer_better} of {checks} (target, size, '
-                    'method) checks: there the map\'s steps had not converged, and its gains are read at an '
-                    'unfinished schedule.', '']
+                    'method) checks: there the map\'s steps had not converged. ' + sentence.split('yet ', 1)[1][0].upper()
+                    + sentence.split('yet ', 1)[1][1:], ''], sentence
+
+
+@dataclasses.dataclass(frozen=True)
+class Decomposition:
+    """WA-grow − fine-tune = (NormScale only − fine-tune) + (WA-grow − NormScale only), paired over the
+    seeds where no arm collapsed, so the three means add up exactly."""
+    total: Diff | None  # WA-grow − fine-tune
+    rescaling: Diff | None  # NormScale only − fine-tune: the old units' rescaling alone
+    units: Diff | None  # WA-grow − NormScale only: what the new units add to it
+
+
+def decompose(wa: Arm, normscale: Arm, finetune: Arm, seeds: int) -> Decomposition | None:
+    """None for an incomplete cell (an arm with fewer than `seeds` stored)."""
+    arms = (wa, normscale, finetune)
+    if min(arm.stored for arm in arms) < seeds:
+        return None
+    keep = set.intersection(*(set(arm.values) for arm in arms))
+    pick = lambda arm: {k: v for k, v in arm.values.items() if k in keep}
+    left_out = seeds - len(keep)
+    return Decomposition(diff(pick(wa), pick(finetune), left_out), diff(pick(normscale), pick(finetune), left_out),
+                         diff(pick(wa), pick(normscale), left_out))
+
+
+DECOMPOSITION_PARTS = (('total', 'WA-grow − fine-tune'), ('rescaling', 'NormScale only − fine-tune (the rescaling)'),
+                       ('units', 'WA-grow − NormScale only (the new units)'))
+
+
+def decompositions(m, size: 'SizeMap', capacity: dict, protocol: str) -> list[tuple[str, Decomposition]]:
+    """(row label, Decomposition) of every complete cell: the size axis, then the capacity axis (every S)."""
+    rows = []
+    for dataset in size.tasks:
+        for shots in size.sizes(dataset):
+            arms = [size.arm(dataset, shots, name, protocol) for name in ('wa', 'normscale', 'finetune')]
+            if (d := decompose(*arms, m.settings.seeds)) is not None:
+                rows.append((f'{short_task(dataset)} | {size_name(shots)}', d))
+    dataset, shots = m.settings.capacity_cell
+    for width in m.settings.widths:
+        for ratio in m.settings.ratios:
+            wa, ft = capacity_arms(m, capacity, width, 'wa', ratio, protocol)
+            normscale, _ = capacity_arms(m, capacity, width, 'normscale', None, protocol)
+            if (d := decompose(wa, normscale, ft, m.settings.seeds)) is not None:
+                rows.append((f'{short_task(dataset)} | {size_name(shots)}, fc {width}, S = {ratio:g} x width', d))
+    return rows
+
+
+def decomposition_lines(m, size: 'SizeMap', capacity: dict) -> tuple[list[str], str]:
+    """The decomposition tables (both protocols) and the verdict's sentence on them (per-method rates)."""
+    lines = []
+    for protocol, label in PROTOCOLS:
+        rows = decompositions(m, size, capacity, protocol)
+        if not rows:
+            continue
+        lines += [f'{label[0].upper()}{label[1:]}:', '',
+                  '| target | examples per class (capacity: source width, S) | '
+                  + ' | '.join(text for _, text in DECOMPOSITION_PARTS) + ' |', '|---' * (2 + len(DECOMPOSITION_PARTS)) + '|']
+        lines += [f'| {row} | ' + ' | '.join(dtext(getattr(d, part)) for part, _ in DECOMPOSITION_PARTS) + ' |'
+                  for row, d in rows]
+        lines.append('')
+    rows = decompositions(m, size, capacity, 'own')
+    if not rows:
+        return ['(NormScale only has not run beside WA-grow and fine-tuning yet)', ''], ''
+    count = lambda part, sign: sum(getattr(d, part) is not None and getattr(d, part).sign == sign for _, d in rows)
+    counts = '; '.join(f'{text.split(" (")[0]}: {count(part, 1)} ahead, {count(part, -1)} behind'
+                       for part, text in DECOMPOSITION_PARTS)
+    attributed = []
+    for row, d in rows:
+        if d.total is None or d.total.sign <= 0:
+            continue
+        by = [word for part, word in (('rescaling', 'the rescaling'), ('units', 'the new units'))
+              if getattr(d, part) is not None and getattr(d, part).sign > 0]
+        attributed.append(f'{row.replace(" | ", " ")} ({" and ".join(by) or "neither part significant alone"})')
+    sentence = (f'Capacity or rescaling (per-method rates, {len(rows)} cells of the size and capacity axes with all three '
+                f'arms): {counts}. '
+                + (f'Where WA-grow beats fine-tuning, the gain is significant in: {"; ".join(attributed)}.'
+                   if attributed else 'WA-grow beats fine-tuning significantly in none of these cells.'))
+    return lines, sentence
 
 
 def capacity_lines(m, capacity: dict) -> list[str]:
@@ -584,17 +761,21 @@ def capacity_lines(m, capacity: dict) -> list[str]:
     if not capacity:
         return ['(not run yet)', '']
     ori = s.capacity_ori_ratio is not None
-    columns = len(s.ratios) + ori
-    lines = ['| fc6/fc7 width | fine-tune (%) | ' + ' | '.join(f'WA-grow S = {r:g} x width' for r in s.ratios)
+    columns = 1 + len(s.ratios) + ori
+    lines = ['| fc6/fc7 width | fine-tune (%) | NormScale only | '
+             + ' | '.join(f'WA-grow S = {r:g} x width' for r in s.ratios)
              + (f' | WA-ori S = {s.capacity_ori_ratio:g} x width' if ori else '') + ' |', '|---' * (2 + columns) + '|']
+    names = {'finetune': 'fine-tune', 'normscale': 'NormScale only', 'wa': 'WA-grow', 'wa_ori': 'WA-ori'}
+    cell = lambda width, name, ratio, protocol: gain_cell(*capacity_arms(m, capacity, width, name, ratio, protocol),
+                                                          s.seeds, (names[name], 'fine-tune'))
     for protocol, label in PROTOCOLS:
         lines.append(f'| *{label}* |' + ' |' * (1 + columns))
         for width in s.widths:
             ft = capacity.get((width, 'finetune', None))
-            acc = seeds_text(values(ft, ft.get('chosen_lr')), s.seeds) if ft else ''
-            cells = [dtext(capacity_gain(m, capacity, width, 'wa', r, protocol)) for r in s.ratios]
+            acc = arm_text(Arm(ft, ft.get('chosen_lr'), s.seeds), s.seeds) if ft else ''
+            cells = [cell(width, 'normscale', None, protocol), *(cell(width, 'wa', r, protocol) for r in s.ratios)]
             if ori:
-                cells.append(dtext(capacity_gain(m, capacity, width, 'wa_ori', s.capacity_ori_ratio, protocol)))
+                cells.append(cell(width, 'wa_ori', s.capacity_ori_ratio, protocol))
             lines.append(f'| {width} | {acc} | ' + ' | '.join(cells) + ' |')
     return lines + ['']
 
@@ -603,27 +784,30 @@ def lr_lines(m, lr: dict, labels: dict) -> list[str]:
     s = m.settings
     if 'finetune' not in lr:
         return ['(not run yet)', '']
-    rates = list(s.learning_rates)
+    # The base rates, and any rate a widened sweep chose (every seed runs it).
+    rates = sorted({float(r) for r in s.learning_rates} | {g['chosen_lr'] for g in lr.values() if g.get('chosen_lr')})
     lines = ['Test accuracy (%, mean ± 95% interval over all seeds) at each rate, and the gain over fine-tuning at '
              'the same rate:', '', '| method | ' + ' | '.join(f'{r:g}' for r in rates) + ' | chosen (validation) |',
              '|---' * (len(rates) + 2) + '|']
     for name, group in lr.items():
-        lines.append(f'| {labels[name]} | ' + ' | '.join(mean_ci(values(group, r)) for r in rates)
+        lines.append(f'| {labels[name]} | ' + ' | '.join(arm_text(Arm(group, r), s.seeds) for r in rates)
                      + f' | {group.get("chosen_lr") or ""} |')
     for name, group in lr.items():
         if name != 'finetune':
             lines.append(f'| {labels[name]} − fine-tune | ' + ' | '.join(
-                dtext(diff(values(group, r), values(lr['finetune'], r))) for r in rates) + ' | |')
+                gain_cell(Arm(group, r), Arm(lr['finetune'], r), s.seeds, (labels[name], labels['finetune']))
+                for r in rates) + ' | |')
     ft_rate = lr['finetune'].get('chosen_lr')
     lines.append('')
     for name, group in lr.items():
         if name == 'finetune' or ft_rate is None or group.get('chosen_lr') is None:
             continue
-        shared = diff(values(group, ft_rate), values(lr['finetune'], ft_rate))
-        own = diff(values(group, group['chosen_lr']), values(lr['finetune'], ft_rate))
+        names = (labels[name], labels['finetune'])
+        shared = gain_cell(Arm(group, ft_rate), Arm(lr['finetune'], ft_rate), s.seeds, names)
+        own = gain_cell(Arm(group, group['chosen_lr']), Arm(lr['finetune'], ft_rate), s.seeds, names)
         best = max(rates, key=lambda r: np.mean(list(values(group, r).values()) or [0]))
-        lines.append(f'- {labels[name]}: at fine-tuning\'s chosen rate {ft_rate:g} (shared) {dtext(shared)}; each at its '
-                     f'chosen rate ({group["chosen_lr"]:g} vs {ft_rate:g}) {dtext(own)}; its best test rate is {best:g}.')
+        lines.append(f'- {labels[name]}: at fine-tuning\'s chosen rate {ft_rate:g} (shared) {shared}; each at its '
+                     f'chosen rate ({group["chosen_lr"]:g} vs {ft_rate:g}) {own}; its best test rate is {best:g}.')
     return lines + ['']
 
 
@@ -670,21 +854,24 @@ def continual_lines(m, continual: dict, arms: Sequence[tuple]) -> list[str]:
             continue
         group = continual.get(arm)
         a = continual.get(('A', a_name))
-        a_acc = seeds_text(values(a, a.get('chosen_lr')), s.seeds) if a else ''
+        a_acc = arm_text(Arm(a, a.get('chosen_lr')), s.seeds) if a else ''
         if group is None:
             lines.append(f'| {label} | {a_acc} | | | |')
             continue
-        own = values(group, group.get('chosen_lr'))
-        ft_own = values(ft, ft.get('chosen_lr')) if ft else {}
-        shared = values(group, ft.get('chosen_lr')) if ft else {}
-        versus = ('', '') if arm == 'ft_ft' else (dtext(diff(own, ft_own)), dtext(diff(shared, ft_own)))
-        lines.append(f'| {label} | {a_acc} | {seeds_text(own, s.seeds)} | {versus[0]} | {versus[1]} |')
+        own = Arm(group, group.get('chosen_lr'))
+        ft_own = Arm(ft, ft.get('chosen_lr') if ft else None)
+        shared = Arm(group, ft.get('chosen_lr') if ft else None)
+        names = (label, 'fine-tune → fine-tune')
+        versus = ('', '') if arm == 'ft_ft' else (gain_cell(own, ft_own, s.seeds, names),
+                                                  gain_cell(shared, ft_own, s.seeds, names))
+        lines.append(f'| {label} | {a_acc} | {arm_text(own, s.seeds)} | {versus[0]} | {versus[1]} |')
     for name in ('finetune', 'wa'):
         direct = continual.get(('direct', name))
         if direct is not None:
-            lines.append(f'| source → B directly, {m.method(name, b_set).label} | | '
-                         f'{seeds_text(values(direct, direct.get("chosen_lr")), s.seeds)} | '
-                         f'{dtext(diff(values(direct, direct.get("chosen_lr")), values(ft, ft.get("chosen_lr")))) if ft else ""} | |')
+            arm = Arm(direct, direct.get('chosen_lr'))
+            versus = gain_cell(arm, Arm(ft, ft.get('chosen_lr')), s.seeds, (name, 'fine-tune → fine-tune')) if ft else ''
+            lines.append(f'| source → B directly, {m.method(name, b_set).label} | | {arm_text(arm, s.seeds)} | '
+                         f'{versus} | |')
     return lines + ['']
 
 
@@ -732,11 +919,53 @@ def gamma_lines(m, gamma: dict | None, size: SizeMap, variants: Sequence[tuple])
     return lines
 
 
+def rate_edges(m, size: SizeMap, capacity: dict) -> str:
+    """The verdict's sentence on the sweeps: how far they widened (protocol.sweep) and which chosen rates
+    still sit at an edge of the rates swept (only where the ladder ended)."""
+    base = [float(r) for r in m.settings.learning_rates]
+    named = [(f'{short_task(d)} {size_name(sh)} {n}', g) for (d, sh, n), g in size.groups.items()]
+    named += [(f'capacity fc {w} {n}' + (f' S = {r:g} x width' if r else ''), g) for (w, n, r), g in capacity.items()]
+    chosen = [(name, g) for name, g in named if g.get('chosen_lr') is not None]
+    if not chosen:
+        return ''
+    widened = [g for _, g in chosen if set(g.get('rates', base)) - set(base)]
+    reached = sorted({r for g in widened for r in g['rates']} - set(base))
+    outside = [name for name, g in chosen if g['chosen_lr'] not in base]
+    edge = [f'{name} ({g["chosen_lr"]:g})' for name, g in chosen if g.get('at_edge')]
+    return (f'Rates: {len(widened)} of {len(chosen)} groups (size and capacity axes) chose a rate at an edge of '
+            f'{base} and widened their sweep' + (f' (to {", ".join(f"{r:g}" for r in reached)})' if reached else '')
+            + f'; {len(outside)} then chose a rate outside the base grid. Chosen rates still at an edge of the rates '
+            f'swept: {len(edge)} of {len(chosen)}'
+            + (f' ({", ".join(edge)}: the ladder {list(m.settings.rate_ladder)} ends there)' if edge else '') + '.')
+
+
+def collapse_sentence(m, size: SizeMap, capacity: dict) -> str:
+    """The verdict's sentence on collapsed runs: where the readings of the size and capacity axes lost seeds."""
+    readings = []
+    for protocol, label in PROTOCOLS:
+        for (dataset, shots, name) in size.groups:
+            arm = size.arm(dataset, shots, name, protocol)
+            readings.append((f'{short_task(dataset)} {size_name(shots)} {size.labels[name]}', protocol, arm))
+        for (width, name, ratio) in capacity:
+            arm, _ = capacity_arms(m, capacity, width, name, ratio, protocol)
+            readings.append((f'capacity fc {width} {name}' + (f' S = {ratio:g} x width' if ratio else ''), protocol,
+                             arm))
+    hit = [(what, protocol, arm) for what, protocol, arm in readings if arm.collapsed]
+    if not hit:
+        return (f'Collapsed runs: none of the {len(readings)} readings (cell, method, protocol) holds a run that '
+                'diverged or ended at chance.')
+    where_ = '; '.join(f'{what}, {"own" if protocol == "own" else "shared"} rate: {len(arm.collapsed)} of {arm.stored}'
+                       for what, protocol, arm in hit)
+    return (f'Collapsed runs: {len(hit)} of {len(readings)} readings (cell, method, protocol) hold runs that diverged '
+            'or ended at chance (test accuracy at most chance plus three binomial standard deviations); they are '
+            f'labelled where they occur and left out of every mean and test ({where_}).')
+
+
 def coverage_lines(m, size: SizeMap, results: dict) -> list[str]:
     """What the settings plan against what is stored complete (all seeds at the rates both protocols read)."""
     s = m.settings
     seeds = s.seeds
-    full = lambda group, rate: group is not None and len(values(group, rate)) >= seeds
+    full = lambda group, rate: stored_seeds(group, rate) >= seeds
     planned = done = 0
     missing = []
     for dataset in s.tasks:
@@ -752,14 +981,14 @@ def coverage_lines(m, size: SizeMap, results: dict) -> list[str]:
     lines = [f'- size axis: {done} of {planned} (target, size, method) cells complete'
              + (f'; not run: {", ".join(missing)}' if missing else '') + '.']
     capacity = results.get('capacity', {})
-    cap_planned = len(s.widths) * (1 + len(s.ratios) + (s.capacity_ori_ratio is not None))
+    cap_planned = len(s.widths) * (2 + len(s.ratios) + (s.capacity_ori_ratio is not None))
     cap_done = sum(full(g, g.get('chosen_lr')) for g in capacity.values())
     lines.append(f'- capacity axis: {cap_done} of {cap_planned} (width, method, S) groups complete.')
     lr = results.get('lr', {})
     lr_done = sum(all(full(g, r) for r in s.learning_rates) for g in lr.values())
     lines.append(f'- learning-rate axis: {lr_done} of {len(s.lr_methods)} methods at every seed and rate.')
     convergence = results.get('convergence', {})
-    lines.append(f'- convergence: {sum(len(values(g, b["chosen_lr"])) >= s.convergence_seeds for b, g in convergence.values())}'
+    lines.append(f'- convergence: {sum(stored_seeds(g, b["chosen_lr"]) >= s.convergence_seeds for b, g in convergence.values())}'
                  f' of {len(s.convergence_methods) * sum(len(m.sizes(t, s.sizes)) for t in s.tasks)} (target, size, '
                  'method) checks.')
     forgetting = results.get('forgetting', {})
@@ -769,11 +998,6 @@ def coverage_lines(m, size: SizeMap, results: dict) -> list[str]:
     continual = results.get('continual', {})
     lines.append(f'- continual: {sum(a in continual for a in s.continual_arms)} of {len(s.continual_arms)} arms; '
                  f'gamma at step 0: {"stored" if results.get("gamma") else "not run"}.')
-    chosen = [g.get('chosen_lr') for g in size.groups.values() if g.get('chosen_lr') is not None]
-    if chosen:
-        lines.append(f'- Chosen rates at an edge of the sweep (size axis): {chosen.count(min(s.learning_rates))} of '
-                     f'{len(chosen)} groups at the lowest ({min(s.learning_rates):g}), '
-                     f'{chosen.count(max(s.learning_rates))} at the highest ({max(s.learning_rates):g}).')
     return lines + ['']
 
 
@@ -815,7 +1039,13 @@ def section(m, results: dict, docs_dir: str, *, command: str, invocations: list[
         'map_lr': figure_lr(m, results.get('lr', {}), labels, os.path.join(figures_dir, 'map_lr.png')),
     }
     verdicts, facts = region_verdicts(size)
-    capacity_cells = capacity_verdicts(m, results.get('capacity', {}))
+    capacity = results.get('capacity', {})
+    capacity_cells = capacity_verdicts(m, capacity)
+    decomposition, decomposition_sentence = decomposition_lines(m, size, capacity)
+    convergence, convergence_sentence = convergence_lines(m, results.get('convergence', {}))
+    verdict = [closing_note(size, facts, capacity_cells) if size.tasks else '(the size axis has not run yet)',
+               decomposition_sentence, convergence_sentence, rate_edges(m, size, capacity),
+               collapse_sentence(m, size, capacity)]
     workdir = m.workdir
     reproduce = lambda axis: f'`python -m experiments.map --workdir={workdir} --axes={axis}`'
     figure = lambda name, caption: ([f'![{name}]({FIGURES}/{name}.png)', '', caption, ''] if made.get(name) else [])
@@ -826,6 +1056,12 @@ def section(m, results: dict, docs_dir: str, *, command: str, invocations: list[
         f'Written by `{command}` on {datetime.date.today()} from the runs stored in `{workdir}` (every table and '
         f'figure of this section; the invocations that computed the runs are listed under "Compute" below). '
         f'Versions: {report.versions()}.',
+        '',
+        '### Verdict',
+        '',
+        'Read from the tables below (each sentence is computed from them):',
+        '',
+        *(f'- {sentence}' for sentence in verdict if sentence),
         '',
         '### Set-up',
         '',
@@ -842,7 +1078,12 @@ def section(m, results: dict, docs_dir: str, *, command: str, invocations: list[
         f'{s.epochs:g} epochs) steps, learning rate / 10 at {tuple(m.base.train.lr_decay_at)} of training, random '
         f'{m.base.data.crop_padding}-pixel crops. Convergence: see below.',
         f'- Protocol: every (cell, method) sweeps {list(s.learning_rates)}; seeds {list(range(s.sweep_seeds))} '
-        f'select on validation; test accuracy over seeds {list(range(s.seeds))}. Two readings: **per-method** (each '
+        f'select on validation; while the chosen rate is the lowest or highest swept, the sweep seeds also run the '
+        f'next rate beyond it on the ladder {list(s.rate_ladder)} (experiments.protocol.sweep), so a method\'s rate '
+        f'is chosen with a worse rate tried on each side; test accuracy over seeds {list(range(s.seeds))}. A run '
+        'that diverged (non-finite training loss) or ended at chance (test accuracy at most 1/classes plus three '
+        'binomial standard deviations over the test split) is labelled "collapsed" and left out of means and tests, '
+        'with the count shown. Two readings: **per-method** (each '
         'method at its own chosen rate) and **shared** (every method at the rate chosen for fine-tuning, one rate '
         'for all as the paper trains; the paper\'s numbers are comparable to this one). Gains are paired over seeds: '
         'mean [95% t-interval], * where a two-sided paired t-test gives p < 0.05.',
@@ -854,6 +1095,15 @@ def section(m, results: dict, docs_dir: str, *, command: str, invocations: list[
         *figure('map_accuracy', 'Test accuracy against examples per class (per-method rates; 95% intervals over '
                                 f'seeds). From the `size` axis ({reproduce("size")}).'),
         *size_tables(size),
+        '### Capacity or rescaling? NormScale only',
+        '',
+        'WA-grow changes two things at once: it adds S units to fc7, and the classifier reads the old fc7 units '
+        'through NormScale (each group L2-normalised, times a learned γ starting at '
+        f'{m.base.growth.scale_init:g}). NormScale only (`growth.method=normscale`) is the second change alone: no '
+        'new units, the classifier reads γ · fc7 / ||fc7||. Paired over the same seeds (those where no arm '
+        'collapsed), so the first column is the sum of the other two:',
+        '',
+        *decomposition,
         '### Verdicts per region',
         '',
         'Cells of each band where the comparison is significantly ahead or behind (paired t-test, p < 0.05, not '
@@ -869,12 +1119,12 @@ def section(m, results: dict, docs_dir: str, *, command: str, invocations: list[
         *figure('map_convergence', 'Validation accuracy over training (mean over the seeds at the chosen rate) of '
                                    'fine-tuning and WA-grow, every size. From the `size` axis '
                                    f'({reproduce("size")}).'),
-        *convergence_lines(m, results.get('convergence', {})),
+        *convergence,
         f'From the `convergence` axis ({reproduce("convergence")}).',
         '',
         '### Source capacity: fc width x S',
         '',
-        f'{task_name(s.capacity_cell[0])}, {size_name(s.capacity_cell[1])} per class; WA-grow and WA-ori gain over '
+        f'{task_name(s.capacity_cell[0])}, {size_name(s.capacity_cell[1])} per class; NormScale only, WA-grow and WA-ori: gain over '
         'fine-tuning of the same source model (points, [95% interval]):',
         '',
         *capacity_lines(m, results.get('capacity', {})),
@@ -914,10 +1164,6 @@ def section(m, results: dict, docs_dir: str, *, command: str, invocations: list[
         '',
         *coverage_lines(m, size, results),
         *compute_lines(m, results, invocations),
-        '### Where growing helps on this data',
-        '',
-        closing_note(size, facts, capacity_cells) if size.tasks else '(the size axis has not run yet)',
-        '',
     ]
     return '\n'.join(lines)
 

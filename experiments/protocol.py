@@ -6,6 +6,7 @@ neither imports the other's internals.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Sequence
 
 import ml_collections
@@ -77,8 +78,53 @@ def select_learning_rate(runs: Sequence[dict], sweep_seeds: Sequence[int], rates
     return min(scores, key=lambda lr: (-float(np.mean(scores[lr])), lr))
 
 
+# Rates a sweep widens into (experiments.map): a rate chosen at an edge of the rates tried is not known
+# to be the best, so the sweep seeds also run the ladder's next rate beyond it, until the chosen rate
+# has a worse rate tried on each side or the ladder ends.
+RATE_LADDER = (1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class Sweep:
+    """The outcome of a (widening) sweep read from stored runs."""
+    rates: tuple[float, ...]  # the rates swept, ascending (the base rates and the ladder rates reached)
+    chosen: float | None  # None: the base sweep is incomplete
+    next_rate: float | None  # a rate the sweep seeds must still run (None: the sweep is finished)
+
+    @property
+    def at_edge(self) -> bool:
+        """The chosen rate is the lowest or highest swept: only where the ladder ended."""
+        return self.chosen is not None and len(self.rates) > 1 and self.chosen in (self.rates[0], self.rates[-1])
+
+
+def sweep(runs: Sequence[dict], sweep_seeds: Sequence[int], rates: Sequence[float],
+          ladder: Sequence[float] = ()) -> Sweep:
+    """Replays the sweep on `runs`: select among `rates`; while the choice is at an edge, add the
+    `ladder`'s next rate beyond it (when the sweep seeds have run it; else it is `next_rate`).
+
+    The same runs always give the same answer, so a group that was interrupted, or that holds runs at
+    other rates (another method's shared rate), is read exactly as the sweep that made it.
+    """
+    rates = sorted({float(r) for r in rates})
+    have = {(r['seed'], r['learning_rate']) for r in runs}
+    if any((seed, lr) not in have for seed in sweep_seeds for lr in rates):
+        return Sweep(tuple(rates), None, None)
+    while True:
+        chosen = select_learning_rate(runs, sweep_seeds, rates)
+        if len(rates) == 1 or chosen not in (rates[0], rates[-1]):
+            return Sweep(tuple(rates), chosen, None)
+        beyond = ([r for r in ladder if r < rates[0]][-1:] if chosen == rates[0]
+                  else [r for r in ladder if r > rates[-1]][:1])
+        if not beyond:
+            return Sweep(tuple(rates), chosen, None)
+        if any((seed, beyond[0]) not in have for seed in sweep_seeds):
+            return Sweep(tuple(rates), chosen, beyond[0])
+        rates = sorted([*rates, beyond[0]])
+
+
 def run_protocol(trainer, shots: int, settings: Settings, *, runs: Sequence[dict] = (),
-                 extra_rates: Sequence[float] = (), run_kwargs: dict | None = None, saved=None) -> dict:
+                 extra_rates: Sequence[float] = (), run_kwargs: dict | None = None, saved=None,
+                 ladder: Sequence[float] = ()) -> dict:
     """Runs one (method, regime, task): the sweep, the selection, the remaining seeds at the chosen rate.
 
     A vectorised trainer runs the full seeds x rates grid in one go (cheaper than two compiles);
@@ -88,11 +134,11 @@ def run_protocol(trainer, shots: int, settings: Settings, *, runs: Sequence[dict
     learning rate), and only the missing ones trained; `extra_rates` are rates every seed runs at
     besides the chosen one (a shared-rate protocol: another method's chosen rate); `run_kwargs` go
     to every `trainer.run` (e.g. num_steps); `saved(group)` is called after each batch of new runs,
-    so an interrupted group resumes where it stopped.
+    so an interrupted group resumes where it stopped; `ladder` widens the sweep (see `sweep`).
     """
     seeds = list(range(settings.seeds))
-    sweep = seeds[:settings.sweep_seeds]
-    first = seeds if trainer.vectorised else sweep
+    sweep_seeds = seeds[:settings.sweep_seeds]
+    first = seeds if trainer.vectorised else sweep_seeds
     done = {(r['seed'], r['learning_rate']): r for r in runs}
 
     def ensure(block_seeds, rates):
@@ -113,14 +159,31 @@ def run_protocol(trainer, shots: int, settings: Settings, *, runs: Sequence[dict
                 saved({'chosen_lr': None, 'runs': list(done.values())})
 
     ensure(first, settings.learning_rates)
-    chosen = select_learning_rate(list(done.values()), sweep, [float(lr) for lr in settings.learning_rates])
-    rest = [seed for seed in seeds if seed not in first]
-    ensure(rest, [chosen])
+    while (swept := sweep(list(done.values()), sweep_seeds, settings.learning_rates, ladder)).next_rate:
+        ensure(sweep_seeds, [swept.next_rate])
+    chosen = swept.chosen
+    ensure([seed for seed in seeds if (seed, chosen) not in done], [chosen])  # one call for the missing seeds
     extra = [float(lr) for lr in dict.fromkeys(extra_rates) if float(lr) != chosen]
     if extra:
         ensure(seeds, extra)
-    return {'chosen_lr': chosen, 'runs': list(done.values())}
+    return {'chosen_lr': chosen, 'rates': list(swept.rates), 'runs': list(done.values())}
 
 
 def chosen_runs(group: dict) -> list[dict]:
     return sorted((r for r in group['runs'] if r['learning_rate'] == group['chosen_lr']), key=lambda r: r['seed'])
+
+
+# ---------------------------------------------------------------------------------------------
+# Runs that collapsed: a diverged or chance-level run is not a measurement of its method
+
+
+def chance_limit(num_classes: int, test_examples: int) -> float:
+    """The test accuracy at or below which a run is indistinguishable from guessing: chance (1 / classes)
+    plus three binomial standard deviations over the test split."""
+    p = 1 / num_classes
+    return p + 3 * math.sqrt(p * (1 - p) / test_examples)
+
+
+def collapsed(run: dict, limit: float) -> bool:
+    """Whether the run diverged (a non-finite training loss) or ended at chance (test accuracy <= limit)."""
+    return not all(math.isfinite(x) for x in run['train_loss']) or run['test']['accuracy'] <= limit

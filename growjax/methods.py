@@ -37,6 +37,9 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method('dwa', 'DWA', True, True, 'WA, and DA on top'),
     Method('wwa', 'WWA', True, True, 'fc6 widened by S/2 and fc7 by S units (ViT: the MLPs of the top two blocks)'),
     Method('heads', 'more heads', True, True, 'ViT only: `heads` new attention heads in each of the top `blocks` blocks'),
+    Method('normscale', 'NormScale only', True, False,
+           "no new units: the classifier reads gamma * fc7 / ||fc7|| (WA-grow's rescaling of the old units "
+           'alone, its control; CNNs with fc heads)'),
     Method('lora', 'LoRA', True, False,
            'low-rank adapters of rank lora_rank (CNNs: on fc6 and fc7; ViT: on every attention projection)'),
 )}

@@ -274,11 +274,13 @@ def test_quick_end_to_end_and_report_from_the_store(tiny, tmp_path):
     assert '<!-- map:begin' in text and '<!-- map:end -->' in text
     for expected in ('### The map: size x distance x method', 'per-method rate', "fine-tuning's rate for all",
                      '### Verdicts per region', '### Convergence', '### Source capacity', '### Forgetting',
-                     '### Continual growth', 'γ from data', '### Where growing helps on this data', '--quick',
-                     'Strongest case', 'the steps was significantly better in'):
+                     '### Continual growth', 'γ from data', '### Verdict', '--quick', 'Strongest case',
+                     'the steps was significantly better in', '### Capacity or rescaling? NormScale only',
+                     'WA-grow − NormScale only (the new units)', 'Chosen rates still at an edge of the rates swept',
+                     'Collapsed runs:', 'is the same at 1x and 2x in'):
         assert expected in text, expected
-    closing = text.split('### Where growing helps on this data')[1].split('<!-- map:end')[0].strip()
-    assert closing.count('. ') == 2 and closing.endswith('.')  # three sentences
+    verdict = text.split('### Verdict')[1].split('### Set-up')[0]
+    assert verdict.count('\n- ') == 5  # growth vs fine-tuning, decomposition, schedule, rates, collapsed runs
     for name in ('map_gain', 'map_accuracy', 'map_convergence', 'map_capacity', 'map_lr'):
         size = os.path.getsize(os.path.join(workdir, 'docs', 'figures', f'{name}.png'))
         assert 1000 < size < 300_000, (name, size)

@@ -57,10 +57,12 @@ def growth_spec(config: ml_collections.ConfigDict) -> Growth | None:
     widen.update(parse_layer_counts(g.widen, 'growth.widen'))
     deepen.update(parse_layer_counts(g.deepen, 'growth.deepen'))
     lora = spec.lora_ranks if spec else {}
-    if not widen and not deepen and not lora:
+    classifier_norm = bool(spec and spec.classifier_norm)
+    if not widen and not deepen and not lora and not classifier_norm:
         return None
     norm_scale = spec.norm_scale if spec else g.norm_scale  # a method may fix it (wa_ori)
-    return Growth(widen=widen, deepen=deepen, norm_scale=norm_scale, scale_init=g.scale_init, lora=lora)
+    return Growth(widen=widen, deepen=deepen, norm_scale=norm_scale, scale_init=g.scale_init, lora=lora,
+                  classifier_norm=classifier_norm)
 
 
 class CNNs(Family):
@@ -75,6 +77,8 @@ class CNNs(Family):
         'dwa': _paper(Growth.dwa),
         'wwa': _paper(Growth.wwa),
         'lora': lambda settings: Growth.lora_preset(settings.lora_rank),
+        'normscale': lambda settings: Growth.norm_only(norm_scale=settings.norm_scale,
+                                                      scale_init=settings.scale_init),
     }
     published = {
         'alexnet': 'torchvision AlexNet ImageNet weights (alexnet-owt-7be5be79.pth)',

@@ -36,6 +36,10 @@ class Growth:
             inserted at its end.
     norm_scale: apply NormScale wherever a layer reads the output of a new layer (the paper's
             "grow"; False is its "ori"). scale_init is gamma's starting value.
+    classifier_norm: NormScale where the classifier reads fc7 even when no new unit meets it: the
+            classifier reads gamma * x / ||x|| of the unchanged fc7 (fc heads only). Alone it is the
+            control for WA-grow, which changes two things at once (new units, and this rescaling of
+            the old ones): 'NormScale only' (growjax.methods 'normscale') separates them.
     lora:   {layer: rank}. Low-rank adapters (LoRA) on fc heads' 'fc6'/'fc7': y = x W + b + (x A) B
             with new leaves `<layer>/lora_a` (in, rank) and `<layer>/lora_b` (rank, out, zeros), so
             the pretrained function is kept at init; the parameter-efficient alternative to growth.
@@ -48,6 +52,7 @@ class Growth:
     norm_scale: bool = True
     scale_init: float = 10.0
     lora: tuple[tuple[str, int], ...] = ()
+    classifier_norm: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, 'widen', _as_pairs(self.widen, 'widen'))
@@ -55,6 +60,9 @@ class Growth:
         object.__setattr__(self, 'lora', _as_pairs(self.lora, 'lora'))
         if self.scale_init <= 0:
             raise GrowthError(f'Growth.scale_init must be positive, got {self.scale_init}.')
+        if self.classifier_norm and not self.norm_scale:
+            raise GrowthError('Growth.classifier_norm=True is NormScale at the classifier; it contradicts '
+                              'norm_scale=False (config growth.norm_scale).')
 
     @property
     def widen_by(self) -> dict[str, int]:
@@ -95,10 +103,18 @@ class Growth:
         """LoRA: rank-`rank` adapters on fc6 and fc7, no new units."""
         return cls(lora={'fc6': rank, 'fc7': rank}, **kwargs)
 
+    @classmethod
+    def norm_only(cls, **kwargs) -> 'Growth':
+        """NormScale only: no new units; the classifier reads gamma * fc7 / ||fc7|| (WA's rescaling alone)."""
+        return cls(classifier_norm=True, **kwargs)
+
 
 def check_layer_names(growth: Growth, widenable: tuple[str, ...], deepenable: tuple[str, ...], model: str,
-                      adaptable: tuple[str, ...] = ()):
+                      adaptable: tuple[str, ...] = (), has_fc_head: bool = False):
     """Raises a GrowthError naming the layer when a spec asks to grow a layer the model lacks."""
+    if growth.classifier_norm and not has_fc_head:
+        raise GrowthError(f'{model}: classifier_norm (NormScale where the classifier reads fc7, the \'normscale\' '
+                          'method) needs an fc6/fc7 head; this model has none.')
     for name, _ in growth.lora:
         if name not in adaptable:
             raise GrowthError(f'{model}: cannot add LoRA adapters to {name!r}; adaptable layers are {list(adaptable)}.')

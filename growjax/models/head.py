@@ -77,7 +77,8 @@ class FcHeadNet(nn.Module):
     def _check(self):
         if self.growth is None:
             return
-        check_layer_names(self.growth, WIDENABLE, DEEPENABLE, type(self).__name__, adaptable=ADAPTABLE)
+        check_layer_names(self.growth, WIDENABLE, DEEPENABLE, type(self).__name__, adaptable=ADAPTABLE,
+                          has_fc_head=True)
         if self.preserve_function and self.growth.norm_scale:
             raise GrowthError('preserve_function=True is impossible with norm_scale=True: NormScale '
                              'rescales the pretrained units. Grow with norm_scale=False to preserve the function.')
@@ -89,7 +90,9 @@ class FcHeadNet(nn.Module):
     def _read(self, groups, consumer: str) -> list[jax.Array]:
         """The arrays a layer reads, through NormScale when a new group is among them."""
         arrays = [array for _, array, _ in groups]
-        if self.growth is None or not self.growth.norm_scale or not any(new for _, _, new in groups):
+        rescaled = any(new for _, _, new in groups) or (consumer == 'classifier' and self.growth is not None
+                                                         and self.growth.classifier_norm)
+        if self.growth is None or not self.growth.norm_scale or not rescaled:
             return arrays
         sizes = [array.shape[-1] for array in arrays]
         merged = NormScale(sizes, scale_init=self.growth.scale_init, name=f'{consumer}_norm')(
