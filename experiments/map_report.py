@@ -646,38 +646,37 @@ def convergence_lines(m, convergence: dict) -> tuple[list[str], str]:
     rows = sorted({(d, sh) for d, sh, _ in convergence}, key=lambda x: (s.tasks.index(x[0]), x[1] or 10 ** 6))
     longer_better = checks = 0
     verdicts = []  # (row, growth method, verdict at 1x, verdict at the longer schedule)
+    n = s.convergence_seeds
     for dataset, shots in rows:
-        cells, steps, runs = [], '', {}
+        cells, steps, arms = [], '', {}  # arms: method -> (its Arm at 1x, at factor x), the first n seeds
         for name in s.convergence_methods:
             pair = convergence.get((dataset, shots, name))
             if pair is None:
                 cells.append('')
                 continue
             base, longer = pair
-            rate = base['chosen_lr']
-            long_values = values(longer, rate)
-            runs[name] = ({seed: a for seed, a in values(base, rate).items() if seed in long_values}, long_values)
-            d = diff(long_values, runs[name][0])
+            arms[name] = Arm(base, base['chosen_lr'], n), Arm(longer, base['chosen_lr'], n)
+            d = paired(arms[name][1], arms[name][0], n)
             checks += d is not None
             longer_better += d is not None and d.sign > 0
-            cells.append(dtext(d))
+            cells.append(gain_cell(arms[name][1], arms[name][0], n, (f'{factor}x', '1x')))
             steps = f'{longer["fingerprint"]["steps"] // factor} → {longer["fingerprint"]["steps"]}'
         for name in growth:
-            both = name in runs and 'finetune' in runs
-            pair = [diff(runs[name][i], runs['finetune'][i]) if both else None for i in (0, 1)]
-            cells += [dtext(d) for d in pair]
+            both = name in arms and 'finetune' in arms
+            cells += [gain_cell(arms[name][i], arms['finetune'][i], n, (labels[name], labels['finetune'])) if both
+                      else '' for i in (0, 1)]
+            pair = [paired(arms[name][i], arms['finetune'][i], n) if both else None for i in (0, 1)]
             if all(d is not None for d in pair):
                 verdicts.append((f'{short_task(dataset)} {size_name(shots)} {labels[name]}', *(d.sign for d in pair)))
         lines.append(f'| {short_task(dataset)} | {size_name(shots)} | {steps} | ' + ' | '.join(cells) + ' |')
     changed = [f'{row} ({VERDICT_WORDS[a]} → {VERDICT_WORDS[b]})' for row, a, b in verdicts if a != b]
-    sentence = (f'Schedule: {factor}x the steps was significantly better in {longer_better} of {checks} (target, size, '
-                f'method) checks, yet the verdict of each growth method against fine-tuning (ahead, no significant '
-                f'difference, behind) is the same at 1x and {factor}x in {len(verdicts) - len(changed)} of '
-                f'{len(verdicts)} comparisons on the convergence seeds'
-                + (f'; it changes in {"; ".join(changed)}.' if changed else '.'))
-    return lines + ['', f'{factor}x the steps was significantly better in {longer_better} of {checks} (target, size, '
-                    'method) checks: there the map\'s steps had not converged. ' + sentence.split('yet ', 1)[1][0].upper()
-                    + sentence.split('yet ', 1)[1][1:], ''], sentence
+    better = (f'{factor}x the steps was significantly better in {longer_better} of {checks} (target, size, method) '
+              'checks')
+    same = (f'the verdict of each growth method against fine-tuning (ahead, no significant difference, behind) is '
+            f'the same at 1x and {factor}x in {len(verdicts) - len(changed)} of {len(verdicts)} comparisons on the '
+            'convergence seeds' + (f'; it changes in {"; ".join(changed)}' if changed else ''))
+    return (lines + ['', f'{better}: there the map\'s steps had not converged. {same[0].upper()}{same[1:]}.', ''],
+            f'Schedule: {better}; {same}.')
 
 
 @dataclasses.dataclass(frozen=True)
