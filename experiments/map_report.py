@@ -14,7 +14,8 @@ from typing import Sequence
 
 import numpy as np
 
-from experiments import protocol, report
+from experiments import report
+from experiments.protocol import collapsed as collapsed_run
 
 FIGURES = report.FIGURE_DIR
 TASK_NAMES = {'growjax_greek': 'Greek letters (near)', 'growjax_digits': 'Handwritten digits (far)',
@@ -51,7 +52,7 @@ def runs_at(group: dict | None, rate: float | None, seeds: int | None = None) ->
 
 def is_collapsed(group: dict, run: dict) -> bool:
     """A run that diverged or ended at chance (protocol.collapsed at the group's 'chance_limit')."""
-    return 'chance_limit' in group and protocol.collapsed(run, group['chance_limit'])
+    return 'chance_limit' in group and collapsed_run(run, group['chance_limit'])
 
 
 def values(group: dict | None, rate: float | None, seeds: int | None = None) -> dict[int, float]:
@@ -618,9 +619,10 @@ def closing_note(size: SizeMap, facts: dict, capacity: Sequence[tuple[int, float
                  'none of them depends on the rate each method is given') + '.')
     hurt = sorted({(short_task(d), b) for d, b, *_ in down_own})
     not_helped = [(short_task(d), b) for d, b in facts['regions'] if (short_task(d), b) not in helped]
-    third = (f'It did not help in {", ".join(f"{t} {b}" for t, b in not_helped) or "no region"}'
-             + (f' and was significantly worse in {len(down_own)} comparisons ({", ".join(f"{t} {b}" for t, b in hurt)})'
-                if down_own else '')
+    third = ((f'It did not help in {", ".join(f"{t} {b}" for t, b in not_helped)}' if not_helped else
+              'It helped in every region measured')
+             + (f' and was significantly worse in {len(down_own)} comparison{"s" if len(down_own) > 1 else ""} '
+                f'({", ".join(f"{t} {b}" for t, b in hurt)})' if down_own else '')
              + f'; normalisation (WA-grow vs WA-ori) mattered significantly in {len(facts["norm"])} cells, and classic '
                f'LoRA beat fine-tuning in {len(facts["lora_up"])} and lost in {len(facts["lora_down"])}.')
     return ' '.join([first, second, third])
@@ -813,13 +815,15 @@ def lr_lines(m, lr: dict, labels: dict) -> list[str]:
 def forgetting_lines(m, forgetting: dict, labels: dict) -> list[str]:
     if not forgetting:
         return ['(not run yet)', '']
-    s = m.settings
     lines = ['| target | examples per class | method | target test (%) | source test after (%) | change of the source '
              'task (points) | − fine-tune\'s change |', '|---|---|---|---|---|---|---|']
     same, total = 0, 0
     for (dataset, shots, name), record in forgetting.items():
-        after = {r['seed']: r['source_after'] for r in record['seeds']}
-        target = {r['seed']: r['target_test'] for r in record['seeds']}
+        # A seed whose target run collapsed (at chance on the target) measures no fine-tuning: left out.
+        kept = [r for r in record['seeds'] if r['target_test'] > m.chance_limit(dataset)]
+        after = {r['seed']: r['source_after'] for r in kept}
+        target = {r['seed']: r['target_test'] for r in kept}
+        dropped = len(record['seeds']) - len(kept)
         # A vectorised grid (stored) and a single retrained run reduce in another order: float32 means
         # then differ in the last bits (~1e-7), far below one test example.
         same += sum(r['stored_test'] is not None and abs(r['stored_test'] - r['target_test']) < 1e-6
@@ -828,7 +832,8 @@ def forgetting_lines(m, forgetting: dict, labels: dict) -> list[str]:
         ft = forgetting.get((dataset, shots, 'finetune'))
         versus = '' if ft is None or name == 'finetune' else dtext(
             diff(after, {r['seed']: r['source_after'] for r in ft['seeds']}))
-        lines.append(f'| {short_task(dataset)} | {size_name(shots)} | {labels.get(name, name)} | {mean_ci(target)} | '
+        lines.append(f'| {short_task(dataset)} | {size_name(shots)} | {labels.get(name, name)} | '
+                     f'{seeds_text(target, len(record["seeds"]), dropped)} | '
                      f'{mean_ci(after)} | {dtext(diff(after, record["source_before"]))} | {versus} |')
     before = next(iter(forgetting.values()))['source_before']
     return [f'Source task (test split of `{m.base.init.source_dataset}`) before fine-tuning: {100 * before:.1f}%. '

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from experiments import map as growth_map
-from experiments import map_report, paper, protocol, runner
+from experiments import map_report, protocol, runner
 from growjax import config_lib, methods, models, train
 from growjax.errors import UserError
 from growjax.models.growth import Growth, GrowthError
