@@ -348,15 +348,14 @@ class Map:
         return dataclasses.replace(settings, **overrides)
 
     def group(self, cell: Cell, *, extra_rates: Sequence[float] = (), settings: protocol.Settings | None = None,
-              trainer: Callable[[], Any] | None = None, pretrained_id: str | None = None,
-              widen: bool = True) -> dict | None:
-        """The cell's group: stored runs, topped up to the protocol (None if missing and not computing);
-        widen=False keeps the sweep to settings.learning_rates (a check at a rate already chosen)."""
+              trainer: Callable[[], Any] | None = None, pretrained_id: str | None = None) -> dict | None:
+        """The cell's group: stored runs, topped up to the protocol, its sweep widened along the rate
+        ladder (None if missing and not computing)."""
         expected = self.expected(cell, pretrained_id)
         path = cell.path(self.workdir)
         group = paper.load_group(path, expected)
         settings = settings or self.protocol_settings()
-        ladder = self.settings.rate_ladder if widen else ()
+        ladder = self.settings.rate_ladder
         if not self.compute or (group is not None and complete(group, settings, extra_rates, ladder)) \
                 or self.out_of_time():
             return group
@@ -488,12 +487,13 @@ def axis_size(m: Map, filters: Filters = Filters()) -> dict:
 
 def with_choice(group: dict, m: Map, dataset: str) -> dict:
     """The group as the report reads it: its widened sweep replayed ('chosen_lr', None for a group stored
-    before its sweep finished; 'rates', the rates swept; 'at_edge', chosen at the ladder's end) and
+    before its sweep finished; 'rates', the rates swept; 'at_edge', chosen at the ladder's end; 'plateau',
+    chosen at an edge that ties its neighbour) and
     'chance_limit', the test accuracy at or below which a run of it on `dataset` collapsed."""
     s = m.settings
     swept = protocol.sweep(group['runs'], list(range(s.sweep_seeds)), s.learning_rates, s.rate_ladder)
     chosen = swept.chosen if swept.next_rate is None else None
-    return {**group, 'chosen_lr': chosen, 'rates': list(swept.rates), 'at_edge': swept.at_edge,
+    return {**group, 'chosen_lr': chosen, 'rates': list(swept.rates), 'at_edge': swept.at_edge, 'plateau': swept.plateau,
             'chance_limit': m.chance_limit(dataset)}
 
 
@@ -554,10 +554,14 @@ def axis_lr(m: Map, filters: Filters = Filters()) -> dict:
     dataset, shots = m.settings.lr_cell
     shots = m.size(dataset, shots)
     found = {}
-    for name in m.settings.lr_methods:
+    for name in ['finetune', *(n for n in m.settings.lr_methods if n != 'finetune')]:
+        # Every seed at every base rate, and at fine-tuning's chosen rate (the shared reading), which a
+        # widened sweep may have put outside the base rates.
+        ft = found.get('finetune')
+        shared = [ft['chosen_lr']] if ft and name != 'finetune' and ft.get('chosen_lr') else []
         with _Admit(m, filters.admit(dataset, shots, m.width, name)):
             group = m.group(m.cell(dataset, shots, m.method(name, dataset), m.width),
-                            extra_rates=m.settings.learning_rates)
+                            extra_rates=(*m.settings.learning_rates, *shared))
         if group is not None:
             found[name] = with_choice(group, m, dataset)
     return found
@@ -579,7 +583,7 @@ def axis_convergence(m: Map, size: dict, filters: Filters = Filters()) -> dict:
                 with _Admit(m, filters.admit(dataset, shots, m.width, name)):
                     cell = m.cell(dataset, shots, m.method(name, dataset), m.width, factor=s.convergence_factor,
                                   tag=f'x{s.convergence_factor}')
-                    group = m.group(cell, settings=settings, widen=False)
+                    group = m.group(cell, settings=settings)  # one rate: nothing to widen
                 if group is not None:
                     found[(dataset, shots, name)] = (base, {**group, 'chance_limit': m.chance_limit(dataset)})
     return found

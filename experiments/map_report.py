@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import json
 import math
 import os
 from typing import Sequence
@@ -51,8 +52,9 @@ def runs_at(group: dict | None, rate: float | None, seeds: int | None = None) ->
 
 
 def is_collapsed(group: dict, run: dict) -> bool:
-    """A run that diverged or ended at chance (protocol.collapsed at the group's 'chance_limit')."""
-    return 'chance_limit' in group and collapsed_run(run, group['chance_limit'])
+    """A run that diverged or ended at chance (protocol.collapsed at the group's 'chance_limit', which
+    experiments.map puts on every group it reads: a group without it is a reading path that skipped it)."""
+    return collapsed_run(run, group['chance_limit'])
 
 
 def values(group: dict | None, rate: float | None, seeds: int | None = None) -> dict[int, float]:
@@ -177,8 +179,10 @@ def seeds_text(values_: dict[int, float], seeds: int, collapsed: int = 0) -> str
     the seeds that collapsed (left out of the mean)."""
     if collapsed:
         text = mean_ci(values_)
-        note = f'{collapsed} of {len(values_) + collapsed} seeds collapsed'
-        return f'{text} ({note}, left out)' if text else f'({note})'
+        stored = len(values_) + collapsed
+        note = f'{collapsed} of {stored} seeds collapsed' + (', left out' if text else '') + (
+            f'; {stored} of {seeds} seeds stored' if stored < seeds else '')
+        return f'{text} ({note})' if text else f'({note})'
     text = mean_ci(values_)
     return f'{text} ({len(values_)} of {seeds} seeds)' if text and len(values_) < seeds else text
 
@@ -356,7 +360,7 @@ def figure_convergence(m, size: SizeMap, path: str) -> str | None:
             for method, style in (('finetune', '-'), ('wa', '--')):
                 group = size.groups.get((dataset, shots, method))
                 rate = None if group is None else group.get('chosen_lr')
-                runs = [r for r in (group or {'runs': []})['runs'] if r['learning_rate'] == rate]
+                runs = [r for r in runs_at(group, rate, m.settings.seeds) if not is_collapsed(group, r)]
                 if not runs:
                     continue
                 steps = np.asarray(runs[0]['steps'], float)
@@ -605,9 +609,10 @@ def closing_note(size: SizeMap, facts: dict, capacity: Sequence[tuple[int, float
     helped = sorted({(short_task(d), b) for d, b, *_ in up_own})
     # Each comparison is tested at p < 0.05 on its own: about n / 40 land significantly ahead (and as many
     # behind) by chance alone, which the note states beside the count.
+    resting = sum(x[4].left_out > 0 for x in up_own)  # significant on the seeds left after a collapse
     first = (f'Under the per-method protocol growing beat fine-tuning significantly in {len(up_own)} of {n} '
              f'(target, size, growth method) comparisons (about {n / 40:.1f} expected by chance at p < 0.05, '
-             'uncorrected)'
+             'uncorrected' + (f'; {resting} of them on the seeds left after runs collapsed' if resting else '') + ')'
              + (f', in {", ".join(f"{t} {b}" for t, b in helped)} per class' if helped else
                 ', that is nowhere on this data')
              + (capacity_sentence_part(capacity) if capacity else '') + '.')
@@ -674,7 +679,7 @@ def convergence_lines(m, convergence: dict) -> tuple[list[str], str]:
     changed = [f'{row} ({VERDICT_WORDS[a]} → {VERDICT_WORDS[b]})' for row, a, b in verdicts if a != b]
     better = (f'{factor}x the steps was significantly better in {longer_better} of {checks} (target, size, method) '
               'checks')
-    same = (f'the verdict of each growth method against fine-tuning (ahead, no significant difference, behind) is '
+    same = (f'the verdict of each method against fine-tuning (ahead, no significant difference, behind) is '
             f'the same at 1x and {factor}x in {len(verdicts) - len(changed)} of {len(verdicts)} comparisons on the '
             'convergence seeds' + (f'; it changes in {"; ".join(changed)}' if changed else ''))
     return (lines + ['', f'{better}: there the map\'s steps had not converged. {same[0].upper()}{same[1:]}.', ''],
@@ -685,9 +690,14 @@ def convergence_lines(m, convergence: dict) -> tuple[list[str], str]:
 class Decomposition:
     """WA-grow − fine-tune = (NormScale only − fine-tune) + (WA-grow − NormScale only), paired over the
     seeds where no arm collapsed, so the three means add up exactly."""
-    total: Diff | None  # WA-grow − fine-tune
+    total: Diff | None  # WA-grow − fine-tune (None: fewer than 2 seeds where no arm collapsed)
     rescaling: Diff | None  # NormScale only − fine-tune: the old units' rescaling alone
     units: Diff | None  # WA-grow − NormScale only: what the new units add to it
+    left_out: int = 0  # seeds where an arm collapsed
+
+    def cell(self, part: str, seeds: int) -> str:
+        d = getattr(self, part)
+        return d.text() if d is not None else f'collapsed: {self.left_out} of {seeds} seeds lost in an arm'
 
 
 def decompose(wa: Arm, normscale: Arm, finetune: Arm, seeds: int) -> Decomposition | None:
@@ -699,7 +709,7 @@ def decompose(wa: Arm, normscale: Arm, finetune: Arm, seeds: int) -> Decompositi
     pick = lambda arm: {k: v for k, v in arm.values.items() if k in keep}
     left_out = seeds - len(keep)
     return Decomposition(diff(pick(wa), pick(finetune), left_out), diff(pick(normscale), pick(finetune), left_out),
-                         diff(pick(wa), pick(normscale), left_out))
+                         diff(pick(wa), pick(normscale), left_out), left_out)
 
 
 DECOMPOSITION_PARTS = (('total', 'WA-grow − fine-tune'), ('rescaling', 'NormScale only − fine-tune (the rescaling)'),
@@ -715,10 +725,14 @@ def decompositions(m, size: 'SizeMap', capacity: dict, protocol: str) -> list[tu
             if (d := decompose(*arms, m.settings.seeds)) is not None:
                 rows.append((f'{short_task(dataset)} | {size_name(shots)}', d))
     dataset, shots = m.settings.capacity_cell
+    shots = m.size(dataset, shots)
+    in_size = size.groups.get((dataset, shots, 'wa'))
     for width in m.settings.widths:
         for ratio in m.settings.ratios:
             wa, ft = capacity_arms(m, capacity, width, 'wa', ratio, protocol)
             normscale, _ = capacity_arms(m, capacity, width, 'normscale', None, protocol)
+            if in_size and wa.group and wa.group['fingerprint'] == in_size['fingerprint']:
+                continue  # the size axis's own cell (same files), already a row
             if (d := decompose(wa, normscale, ft, m.settings.seeds)) is not None:
                 rows.append((f'{short_task(dataset)} | {size_name(shots)}, fc {width}, S = {ratio:g} x width', d))
     return rows
@@ -734,26 +748,25 @@ def decomposition_lines(m, size: 'SizeMap', capacity: dict) -> tuple[list[str], 
         lines += [f'{label[0].upper()}{label[1:]}:', '',
                   '| target | examples per class (capacity: source width, S) | '
                   + ' | '.join(text for _, text in DECOMPOSITION_PARTS) + ' |', '|---' * (2 + len(DECOMPOSITION_PARTS)) + '|']
-        lines += [f'| {row} | ' + ' | '.join(dtext(getattr(d, part)) for part, _ in DECOMPOSITION_PARTS) + ' |'
-                  for row, d in rows]
+        lines += [f'| {row} | ' + ' | '.join(d.cell(part, m.settings.seeds) for part, _ in DECOMPOSITION_PARTS)
+                  + ' |' for row, d in rows]
         lines.append('')
-    rows = decompositions(m, size, capacity, 'own')
-    if not rows:
+    if not lines:
         return ['(NormScale only has not run beside WA-grow and fine-tuning yet)', ''], ''
+    rows = [(row, d) for row, d in decompositions(m, size, capacity, 'own') if d.total is not None]
+    if not rows:
+        return lines, ('Capacity or rescaling: no cell with all three arms kept two seeds where none collapsed, '
+                       'so nothing can be split.')
     count = lambda part, sign: sum(getattr(d, part) is not None and getattr(d, part).sign == sign for _, d in rows)
     counts = '; '.join(f'{text.split(" (")[0]}: {count(part, 1)} ahead, {count(part, -1)} behind'
                        for part, text in DECOMPOSITION_PARTS)
-    attributed = []
-    for row, d in rows:
-        if d.total is None or d.total.sign <= 0:
-            continue
-        by = [word for part, word in (('rescaling', 'the rescaling'), ('units', 'the new units'))
-              if getattr(d, part) is not None and getattr(d, part).sign > 0]
-        attributed.append(f'{row.replace(" | ", " ")} ({" and ".join(by) or "neither part significant alone"})')
+    point = lambda d: f'{100 * d.mean:+.1f}{"*" if d.sign else ""}'
+    ahead = [f'{row.replace(" | ", " ")}: {point(d.total)} = rescaling {point(d.rescaling)} + new units '
+             f'{point(d.units)}' for row, d in rows if d.total.sign > 0]
     sentence = (f'Capacity or rescaling (per-method rates, {len(rows)} cells of the size and capacity axes with all three '
                 f'arms): {counts}. '
-                + (f'Where WA-grow beats fine-tuning, the gain is significant in: {"; ".join(attributed)}.'
-                   if attributed else 'WA-grow beats fine-tuning significantly in none of these cells.'))
+                + (f'Where WA-grow beats fine-tuning significantly, its gain splits as (points, * p < 0.05): '
+                   f'{"; ".join(ahead)}.' if ahead else 'WA-grow beats fine-tuning significantly in none of these cells.'))
     return lines, sentence
 
 
@@ -812,15 +825,18 @@ def lr_lines(m, lr: dict, labels: dict) -> list[str]:
     return lines + ['']
 
 
-def forgetting_lines(m, forgetting: dict, labels: dict) -> list[str]:
+def forgetting_lines(m, forgetting: dict, labels: dict, size: SizeMap) -> list[str]:
     if not forgetting:
         return ['(not run yet)', '']
     lines = ['| target | examples per class | method | target test (%) | source test after (%) | change of the source '
              'task (points) | − fine-tune\'s change |', '|---|---|---|---|---|---|---|']
     same, total = 0, 0
     for (dataset, shots, name), record in forgetting.items():
-        # A seed whose target run collapsed (at chance on the target) measures no fine-tuning: left out.
-        kept = [r for r in record['seeds'] if r['target_test'] > m.chance_limit(dataset)]
+        # A seed whose target run collapsed (the size axis's run at this rate) measures no fine-tuning:
+        # left out here, and in fine-tuning's column it is paired with.
+        lost = set(size.arm(dataset, shots, name).collapsed)
+        ft_lost = set(size.arm(dataset, shots, 'finetune').collapsed)
+        kept = [r for r in record['seeds'] if r['seed'] not in lost]
         after = {r['seed']: r['source_after'] for r in kept}
         target = {r['seed']: r['target_test'] for r in kept}
         dropped = len(record['seeds']) - len(kept)
@@ -830,8 +846,9 @@ def forgetting_lines(m, forgetting: dict, labels: dict) -> list[str]:
                     for r in record['seeds'])
         total += len(record['seeds'])
         ft = forgetting.get((dataset, shots, 'finetune'))
-        versus = '' if ft is None or name == 'finetune' else dtext(
-            diff(after, {r['seed']: r['source_after'] for r in ft['seeds']}))
+        versus = '' if ft is None or name == 'finetune' else dtext(diff(
+            after, {r['seed']: r['source_after'] for r in ft['seeds'] if r['seed'] not in ft_lost},
+            len(lost | ft_lost)))
         lines.append(f'| {short_task(dataset)} | {size_name(shots)} | {labels.get(name, name)} | '
                      f'{seeds_text(target, len(record["seeds"]), dropped)} | '
                      f'{mean_ci(after)} | {dtext(diff(after, record["source_before"]))} | {versus} |')
@@ -923,46 +940,65 @@ def gamma_lines(m, gamma: dict | None, size: SizeMap, variants: Sequence[tuple])
     return lines
 
 
+def stored_groups(m, size: SizeMap, capacity: dict) -> list[tuple[str, dict, float | None]]:
+    """(name, group, fine-tuning's chosen rate in its cell) of every group the size and capacity axes
+    read, each stored file once (the capacity axis's groups at the size axis's width and S are the
+    size axis's own files)."""
+    cap_dataset, cap_shots = m.settings.capacity_cell
+    cap_shots = m.size(cap_dataset, cap_shots)
+    rate = lambda group: group.get('chosen_lr') if group else None
+    named = [(f'{short_task(d)} {size_name(sh)} {n}', d, sh, g, size.rate(d, sh, 'finetune', 'own'))
+             for (d, sh, n), g in size.groups.items()]
+    named += [(f'capacity fc {w} {n}' + (f' S = {r:g} x width' if r else ''), cap_dataset, cap_shots, g,
+               rate(capacity.get((w, 'finetune', None)))) for (w, n, r), g in capacity.items()]
+    found, seen = [], set()
+    for name, dataset, shots, group, ft_rate in named:
+        key = (dataset, shots, json.dumps(group['fingerprint'], sort_keys=True))
+        if key not in seen:
+            seen.add(key)
+            found.append((name, group, ft_rate))
+    return found
+
+
 def rate_edges(m, size: SizeMap, capacity: dict) -> str:
     """The verdict's sentence on the sweeps: how far they widened (protocol.sweep) and which chosen rates
-    still sit at an edge of the rates swept (only where the ladder ended)."""
+    still sit at an edge of the rates swept (where the ladder ended, or on a validation plateau)."""
     base = [float(r) for r in m.settings.learning_rates]
-    named = [(f'{short_task(d)} {size_name(sh)} {n}', g) for (d, sh, n), g in size.groups.items()]
-    named += [(f'capacity fc {w} {n}' + (f' S = {r:g} x width' if r else ''), g) for (w, n, r), g in capacity.items()]
-    chosen = [(name, g) for name, g in named if g.get('chosen_lr') is not None]
+    chosen = [(name, g) for name, g, _ in stored_groups(m, size, capacity) if g.get('chosen_lr') is not None]
     if not chosen:
         return ''
-    widened = [g for _, g in chosen if set(g.get('rates', base)) - set(base)]
+    widened = [g for _, g in chosen if set(g['rates']) - set(base)]
     reached = sorted({r for g in widened for r in g['rates']} - set(base))
     outside = [name for name, g in chosen if g['chosen_lr'] not in base]
-    edge = [f'{name} ({g["chosen_lr"]:g})' for name, g in chosen if g.get('at_edge')]
+    edge = [f'{name} ({g["chosen_lr"]:g})' for name, g in chosen if g['at_edge']]
+    plateau = [f'{name} ({g["chosen_lr"]:g})' for name, g in chosen if g['plateau']]
     return (f'Rates: {len(widened)} of {len(chosen)} groups (size and capacity axes) chose a rate at an edge of '
             f'{base} and widened their sweep' + (f' (to {", ".join(f"{r:g}" for r in reached)})' if reached else '')
             + f'; {len(outside)} then chose a rate outside the base grid. Chosen rates still at an edge of the rates '
             f'swept: {len(edge)} of {len(chosen)}'
-            + (f' ({", ".join(edge)}: the ladder {list(m.settings.rate_ladder)} ends there)' if edge else '') + '.')
+            + (f' ({", ".join(edge)}: the ladder {list(m.settings.rate_ladder)} ends there)' if edge else '')
+            + (f'; {len(plateau)} more at the edge of a validation plateau (the edge rate ties its neighbour, so '
+               f'widening stopped: {", ".join(plateau)})' if plateau else '') + '.')
 
 
 def collapse_sentence(m, size: SizeMap, capacity: dict) -> str:
-    """The verdict's sentence on collapsed runs: where the readings of the size and capacity axes lost seeds."""
+    """The verdict's sentence on collapsed runs: which readings (a group at the rate a protocol reads) of
+    the size and capacity axes lost seeds."""
     readings = []
-    for protocol, label in PROTOCOLS:
-        for (dataset, shots, name) in size.groups:
-            arm = size.arm(dataset, shots, name, protocol)
-            readings.append((f'{short_task(dataset)} {size_name(shots)} {size.labels[name]}', protocol, arm))
-        for (width, name, ratio) in capacity:
-            arm, _ = capacity_arms(m, capacity, width, name, ratio, protocol)
-            readings.append((f'capacity fc {width} {name}' + (f' S = {ratio:g} x width' if ratio else ''), protocol,
-                             arm))
+    for name, group, ft_rate in stored_groups(m, size, capacity):
+        for protocol, rate in (('own', group.get('chosen_lr')), ('shared', ft_rate)):
+            if protocol == 'shared' and rate == group.get('chosen_lr'):
+                continue  # the same runs as the own reading (fine-tuning's always)
+            readings.append((name, protocol, Arm(group, rate, m.settings.seeds)))
     hit = [(what, protocol, arm) for what, protocol, arm in readings if arm.collapsed]
     if not hit:
-        return (f'Collapsed runs: none of the {len(readings)} readings (cell, method, protocol) holds a run that '
-                'diverged or ended at chance.')
-    where_ = '; '.join(f'{what}, {"own" if protocol == "own" else "shared"} rate: {len(arm.collapsed)} of {arm.stored}'
-                       for what, protocol, arm in hit)
-    return (f'Collapsed runs: {len(hit)} of {len(readings)} readings (cell, method, protocol) hold runs that diverged '
-            'or ended at chance (test accuracy at most chance plus three binomial standard deviations); they are '
-            f'labelled where they occur and left out of every mean and test ({where_}).')
+        return (f'Collapsed runs: none of the {len(readings)} readings (group, rate) of the size and capacity axes '
+                'holds a run that diverged or ended at chance.')
+    where_ = '; '.join(f'{what} at {"its own" if protocol == "own" else "the shared"} rate {arm.rate:g}: '
+                       f'{len(arm.collapsed)} of {arm.stored}' for what, protocol, arm in hit)
+    return (f'Collapsed runs: {len(hit)} of {len(readings)} readings (group, rate) of the size and capacity axes hold '
+            'runs that diverged or ended at chance (test accuracy at most chance plus three binomial standard '
+            f'deviations); they are labelled where they occur and left out of every mean and test ({where_}).')
 
 
 def coverage_lines(m, size: SizeMap, results: dict) -> list[str]:
@@ -980,10 +1016,11 @@ def coverage_lines(m, size: SizeMap, results: dict) -> list[str]:
                 ft_rate = size.rate(dataset, shots, method, 'shared')
                 if group is not None and full(group, group.get('chosen_lr')) and full(group, ft_rate):
                     done += 1
-                else:
-                    missing.append(f'{short_task(dataset)} {size_name(shots)} {method}')
+                else:  # stored part-way (e.g. a sweep still to widen) or not at all
+                    missing.append(f'{short_task(dataset)} {size_name(shots)} {method}'
+                                   + (' (part-way)' if group is not None else ''))
     lines = [f'- size axis: {done} of {planned} (target, size, method) cells complete'
-             + (f'; not run: {", ".join(missing)}' if missing else '') + '.']
+             + (f'; not complete: {", ".join(missing)}' if missing else '') + '.']
     capacity = results.get('capacity', {})
     cap_planned = len(s.widths) * (2 + len(s.ratios) + (s.capacity_ori_ratio is not None))
     cap_done = sum(full(g, g.get('chosen_lr')) for g in capacity.values())
@@ -1104,8 +1141,9 @@ def section(m, results: dict, docs_dir: str, *, command: str, invocations: list[
         'WA-grow changes two things at once: it adds S units to fc7, and the classifier reads the old fc7 units '
         'through NormScale (each group L2-normalised, times a learned γ starting at '
         f'{m.base.growth.scale_init:g}). NormScale only (`growth.method=normscale`) is the second change alone: no '
-        'new units, the classifier reads γ · fc7 / ||fc7||. Paired over the same seeds (those where no arm '
-        'collapsed), so the first column is the sum of the other two:',
+        'new units, the classifier reads γ · fc7 / ||fc7||. Paired over the same seeds (those where none of the '
+        'three arms collapsed), so the first column is the sum of the other two (where an arm lost a seed, the first '
+        'column can differ from the gain tables, which pair two arms):',
         '',
         *decomposition,
         '### Verdicts per region',
@@ -1147,7 +1185,7 @@ def section(m, results: dict, docs_dir: str, *, command: str, invocations: list[
         'After fine-tuning on a target at the method\'s chosen rate, the source task read through the network\'s old '
         'units (fc7, not the new ones) by the pretrained source classifier:',
         '',
-        *forgetting_lines(m, results.get('forgetting', {}), labels),
+        *forgetting_lines(m, results.get('forgetting', {}), labels, size),
         f'From the `forgetting` axis ({reproduce("forgetting")}).',
         '',
         '### Continual growth (paper Table 8)',

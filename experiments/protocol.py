@@ -67,20 +67,27 @@ class Variant:
 # The protocol: sweep, select on validation, report test
 
 
-def select_learning_rate(runs: Sequence[dict], sweep_seeds: Sequence[int], rates: Sequence[float] | None = None
-                         ) -> float:
-    """The rate with the best mean final validation accuracy over the sweep seeds (ties: the lower);
-    only among `rates` when given (runs at other rates, e.g. kept from another sweep, are ignored)."""
+def validation_scores(runs: Sequence[dict], sweep_seeds: Sequence[int], rates: Sequence[float] | None = None
+                      ) -> dict[float, float]:
+    """{rate: mean final validation accuracy over the sweep seeds}, only `rates` when given."""
     scores = {}
     for run in runs:
         if run['seed'] in sweep_seeds and (rates is None or run['learning_rate'] in rates):
             scores.setdefault(run['learning_rate'], []).append(run['validation'][-1]['accuracy'])
-    return min(scores, key=lambda lr: (-float(np.mean(scores[lr])), lr))
+    return {lr: float(np.mean(values)) for lr, values in scores.items()}
+
+
+def select_learning_rate(runs: Sequence[dict], sweep_seeds: Sequence[int], rates: Sequence[float] | None = None
+                         ) -> float:
+    """The rate with the best mean final validation accuracy over the sweep seeds (ties: the lower);
+    only among `rates` when given (runs at other rates, e.g. kept from another sweep, are ignored)."""
+    scores = validation_scores(runs, sweep_seeds, rates)
+    return min(scores, key=lambda lr: (-scores[lr], lr))
 
 
 # Rates a sweep widens into (experiments.map): a rate chosen at an edge of the rates tried is not known
 # to be the best, so the sweep seeds also run the ladder's next rate beyond it, until the chosen rate
-# has a worse rate tried on each side or the ladder ends.
+# has a worse rate tried on each side, the edge is a plateau, or the ladder ends.
 RATE_LADDER = (1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0)
 
 
@@ -89,36 +96,38 @@ class Sweep:
     """The outcome of a (widening) sweep read from stored runs."""
     rates: tuple[float, ...]  # the rates swept, ascending (the base rates and the ladder rates reached)
     chosen: float | None  # None: the base sweep is incomplete
-    next_rate: float | None  # a rate the sweep seeds must still run (None: the sweep is finished)
-
-    @property
-    def at_edge(self) -> bool:
-        """The chosen rate is the lowest or highest swept: only where the ladder ended."""
-        return self.chosen is not None and len(self.rates) > 1 and self.chosen in (self.rates[0], self.rates[-1])
+    next_rate: float | None = None  # a rate the sweep seeds must still run (None: the sweep is finished)
+    at_edge: bool = False  # chosen at an edge, better than its neighbour, and the ladder ends there
+    plateau: bool = False  # chosen at an edge that ties its neighbour on validation: widening stopped
 
 
 def sweep(runs: Sequence[dict], sweep_seeds: Sequence[int], rates: Sequence[float],
           ladder: Sequence[float] = ()) -> Sweep:
-    """Replays the sweep on `runs`: select among `rates`; while the choice is at an edge, add the
-    `ladder`'s next rate beyond it (when the sweep seeds have run it; else it is `next_rate`).
+    """Replays the sweep on `runs`: select among `rates`; while the choice is at an edge and strictly
+    better than its neighbour, add the `ladder`'s next rate beyond it (when the sweep seeds have run
+    it; else it is `next_rate`). A tie with the neighbour (a flat validation curve) ends the widening:
+    ties go to the lower rate, so otherwise a plateau would walk the sweep to the ladder's end.
 
     The same runs always give the same answer, so a group that was interrupted, or that holds runs at
     other rates (another method's shared rate), is read exactly as the sweep that made it.
     """
-    rates = sorted({float(r) for r in rates})
+    rates, ladder = sorted({float(r) for r in rates}), sorted(float(r) for r in ladder)
     have = {(r['seed'], r['learning_rate']) for r in runs}
     if any((seed, lr) not in have for seed in sweep_seeds for lr in rates):
-        return Sweep(tuple(rates), None, None)
+        return Sweep(tuple(rates), None)
     while True:
-        chosen = select_learning_rate(runs, sweep_seeds, rates)
+        scores = validation_scores(runs, sweep_seeds, rates)
+        chosen = min(scores, key=lambda lr: (-scores[lr], lr))
         if len(rates) == 1 or chosen not in (rates[0], rates[-1]):
-            return Sweep(tuple(rates), chosen, None)
-        beyond = ([r for r in ladder if r < rates[0]][-1:] if chosen == rates[0]
-                  else [r for r in ladder if r > rates[-1]][:1])
+            return Sweep(tuple(rates), chosen)
+        low = chosen == rates[0]
+        if scores[chosen] == scores[rates[1] if low else rates[-2]]:
+            return Sweep(tuple(rates), chosen, plateau=True)
+        beyond = [r for r in ladder if r < rates[0]][-1:] if low else [r for r in ladder if r > rates[-1]][:1]
         if not beyond:
-            return Sweep(tuple(rates), chosen, None)
+            return Sweep(tuple(rates), chosen, at_edge=True)
         if any((seed, beyond[0]) not in have for seed in sweep_seeds):
-            return Sweep(tuple(rates), chosen, beyond[0])
+            return Sweep(tuple(rates), chosen, next_rate=beyond[0])
         rates = sorted([*rates, beyond[0]])
 
 
@@ -159,7 +168,12 @@ def run_protocol(trainer, shots: int, settings: Settings, *, runs: Sequence[dict
                 saved({'chosen_lr': None, 'runs': list(done.values())})
 
     ensure(first, settings.learning_rates)
-    while (swept := sweep(list(done.values()), sweep_seeds, settings.learning_rates, ladder)).next_rate:
+    asked = set()
+    while (swept := sweep(list(done.values()), sweep_seeds, settings.learning_rates, ladder)).next_rate is not None:
+        if swept.next_rate in asked:  # its runs came back at another rate: widening would never end
+            raise RuntimeError(f'the sweep asked twice for rate {swept.next_rate}: the trainer returned runs at '
+                               'other rates.')
+        asked.add(swept.next_rate)
         ensure(sweep_seeds, [swept.next_rate])
     chosen = swept.chosen
     ensure([seed for seed in seeds if (seed, chosen) not in done], [chosen])  # one call for the missing seeds

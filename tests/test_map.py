@@ -281,6 +281,10 @@ def test_quick_end_to_end_and_report_from_the_store(tiny, tmp_path):
         assert expected in text, expected
     verdict = text.split('### Verdict')[1].split('### Set-up')[0]
     assert verdict.count('\n- ') == 5  # growth vs fine-tuning, decomposition, schedule, rates, collapsed runs
+    # The capacity axis's group at the size axis's width and S is the size axis's own file: one row, not two.
+    decomposition = text.split('### Capacity or rescaling?')[1].split('Fine-tuning\'s rate for all')[0]
+    assert '| Greek | 1 |' in decomposition and 'S = 0.25 x width' in decomposition
+    assert 'S = 0.5 x width' not in decomposition
     for name in ('map_gain', 'map_accuracy', 'map_convergence', 'map_capacity', 'map_lr'):
         size = os.path.getsize(os.path.join(workdir, 'docs', 'figures', f'{name}.png'))
         assert 1000 < size < 300_000, (name, size)

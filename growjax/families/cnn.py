@@ -97,6 +97,12 @@ class CNNs(Family):
              f'sets the fc6/fc7 units of {", ".join(FC_WIDTH_MODELS)} only, not of {config.model.name!r}.')
         for key in ('widen', 'deepen'):
             parse_layer_counts(config.growth[key], f'growth.{key}')
+        if config.growth.method == 'normscale':  # NormScale where the classifier reads fc7: nothing else
+            need(config.model.name not in RESNETS, 'growth.method',
+                 f"'normscale' rescales fc7 where the classifier reads it; {config.model.name} has no fc6/fc7 head.")
+            need(config.growth.norm_scale, 'growth.norm_scale',
+                 "must be True with growth.method='normscale' (NormScale only without NormScale is plain "
+                 'fine-tuning: use growth.method=finetune).')
 
     def build(self, config, num_classes):
         kwargs = {'width': config.model.width, 'dtype': compute_dtype(config)}

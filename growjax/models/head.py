@@ -88,7 +88,8 @@ class FcHeadNet(nn.Module):
                              f'the identity; got deepen fc7 -> {fc_a_units}.')
 
     def _read(self, groups, consumer: str) -> list[jax.Array]:
-        """The arrays a layer reads, through NormScale when a new group is among them."""
+        """The arrays a layer reads, through NormScale when a new group is among them (and, for the
+        classifier, with growth.classifier_norm: the 'NormScale only' control)."""
         arrays = [array for _, array, _ in groups]
         rescaled = any(new for _, _, new in groups) or (consumer == 'classifier' and self.growth is not None
                                                          and self.growth.classifier_norm)
