@@ -276,10 +276,12 @@ class Map:
         """`shots` as the map stores it for this dataset (see sizes)."""
         return self.sizes(dataset, [shots])[0]
 
-    def chance_limit(self, dataset: str) -> float:
-        """Test accuracy at or below which a run on `dataset` collapsed (protocol.chance_limit)."""
+    def chance(self, dataset: str) -> dict:
+        """What protocol.collapsed reads for runs on `dataset`: {'chance_limit': test accuracy at or below
+        which a run collapsed, 'num_classes'}; the report puts it on every group it reads."""
         task = self.task(dataset)
-        return protocol.chance_limit(task.num_classes, len(task.test.labels))
+        return {'chance_limit': protocol.chance_limit(task.num_classes, len(task.test.labels)),
+                'num_classes': task.num_classes}
 
     def examples(self, dataset: str, shots: int) -> int:
         counts = self.class_counts(dataset)
@@ -488,13 +490,13 @@ def axis_size(m: Map, filters: Filters = Filters()) -> dict:
 def with_choice(group: dict, m: Map, dataset: str) -> dict:
     """The group as the report reads it: its widened sweep replayed ('chosen_lr', None for a group stored
     before its sweep finished; 'rates', the rates swept; 'at_edge', chosen at the ladder's end; 'plateau',
-    chosen at an edge that ties its neighbour) and
-    'chance_limit', the test accuracy at or below which a run of it on `dataset` collapsed."""
+    chosen at an edge that ties its neighbour) and what protocol.collapsed reads for runs on `dataset`
+    (Map.chance)."""
     s = m.settings
     swept = protocol.sweep(group['runs'], list(range(s.sweep_seeds)), s.learning_rates, s.rate_ladder)
     chosen = swept.chosen if swept.next_rate is None else None
     return {**group, 'chosen_lr': chosen, 'rates': list(swept.rates), 'at_edge': swept.at_edge, 'plateau': swept.plateau,
-            'chance_limit': m.chance_limit(dataset)}
+            **m.chance(dataset)}
 
 
 class _Admit:
@@ -585,7 +587,7 @@ def axis_convergence(m: Map, size: dict, filters: Filters = Filters()) -> dict:
                                   tag=f'x{s.convergence_factor}')
                     group = m.group(cell, settings=settings)  # one rate: nothing to widen
                 if group is not None:
-                    found[(dataset, shots, name)] = (base, {**group, 'chance_limit': m.chance_limit(dataset)})
+                    found[(dataset, shots, name)] = (base, {**group, **m.chance(dataset)})
     return found
 
 

@@ -52,9 +52,10 @@ def runs_at(group: dict | None, rate: float | None, seeds: int | None = None) ->
 
 
 def is_collapsed(group: dict, run: dict) -> bool:
-    """A run that diverged or ended at chance (protocol.collapsed at the group's 'chance_limit', which
-    experiments.map puts on every group it reads: a group without it is a reading path that skipped it)."""
-    return collapsed_run(run, group['chance_limit'])
+    """A run that diverged or ended at chance (protocol.collapsed with the group's 'chance_limit' and
+    'num_classes', which experiments.map puts on every group it reads: a group without them is a reading
+    path that skipped it, and raises)."""
+    return collapsed_run(run, group['chance_limit'], group['num_classes'])
 
 
 def values(group: dict | None, rate: float | None, seeds: int | None = None) -> dict[int, float]:
@@ -997,8 +998,8 @@ def collapse_sentence(m, size: SizeMap, capacity: dict) -> str:
     where_ = '; '.join(f'{what} at {"its own" if protocol == "own" else "the shared"} rate {arm.rate:g}: '
                        f'{len(arm.collapsed)} of {arm.stored}' for what, protocol, arm in hit)
     return (f'Collapsed runs: {len(hit)} of {len(readings)} readings (group, rate) of the size and capacity axes hold '
-            'runs that diverged or ended at chance (test accuracy at most chance plus three binomial standard '
-            f'deviations); they are labelled where they occur and left out of every mean and test ({where_}).')
+            'runs that diverged or ended at chance (see Set-up); they are labelled where they occur and left out of '
+            f'every mean and test ({where_}).')
 
 
 def coverage_lines(m, size: SizeMap, results: dict) -> list[str]:
@@ -1121,10 +1122,11 @@ def section(m, results: dict, docs_dir: str, *, command: str, invocations: list[
         f'- Protocol: every (cell, method) sweeps {list(s.learning_rates)}; seeds {list(range(s.sweep_seeds))} '
         f'select on validation; while the chosen rate is the lowest or highest swept, the sweep seeds also run the '
         f'next rate beyond it on the ladder {list(s.rate_ladder)} (experiments.protocol.sweep), so a method\'s rate '
-        f'is chosen with a worse rate tried on each side; test accuracy over seeds {list(range(s.seeds))}. A run '
-        'that diverged (non-finite training loss) or ended at chance (test accuracy at most 1/classes plus three '
-        'binomial standard deviations over the test split) is labelled "collapsed" and left out of means and tests, '
-        'with the count shown. Two readings: **per-method** (each '
+        f'is chosen with a worse rate tried on each side (a tie with the neighbour, a plateau, also ends it); test '
+        f'accuracy over seeds {list(range(s.seeds))}. A run that diverged (training loss non-finite, or at the end '
+        'no lower than log(classes), a uniform guess\'s) or ended at chance (test accuracy at most 1/classes plus '
+        'three binomial standard deviations over the test split) is labelled "collapsed" and left out of means and '
+        'tests, with the count shown. Two readings: **per-method** (each '
         'method at its own chosen rate) and **shared** (every method at the rate chosen for fine-tuning, one rate '
         'for all as the paper trains; the paper\'s numbers are comparable to this one). Gains are paired over seeds: '
         'mean [95% t-interval], * where a two-sided paired t-test gives p < 0.05.',

@@ -198,6 +198,11 @@ def chance_limit(num_classes: int, test_examples: int) -> float:
     return p + 3 * math.sqrt(p * (1 - p) / test_examples)
 
 
-def collapsed(run: dict, limit: float) -> bool:
-    """Whether the run diverged (a non-finite training loss) or ended at chance (test accuracy <= limit)."""
-    return not all(math.isfinite(x) for x in run['train_loss']) or run['test']['accuracy'] <= limit
+def collapsed(run: dict, accuracy_limit: float, num_classes: int) -> bool:
+    """Whether the run diverged or ended at chance: a non-finite training loss, a final training loss at
+    or above log(classes) (it fits its training data no better than a uniform guess: a run that blew
+    up and landed a little above chance on test), or a test accuracy at most `accuracy_limit`."""
+    losses = run['train_loss']
+    if not all(math.isfinite(x) for x in losses):
+        return True
+    return bool(losses and losses[-1] >= math.log(num_classes)) or run['test']['accuracy'] <= accuracy_limit
