@@ -387,11 +387,16 @@ class Map:
 
     # -- variables of finished runs (forgetting, continual), cached as .npz
 
+    def model_path(self, cell: Cell, seed: int, lr: float, pretrained_id: str | None = None) -> str:
+        """Where one run's final variables are cached. The key holds the target: a run's fingerprint does
+        not (its group's path does), and two targets with the same steps, shots and rate would share it."""
+        key = json.dumps([cell.dataset, self.expected(cell, pretrained_id), seed, lr], sort_keys=True)
+        return os.path.join(self.workdir, 'models', hashlib.sha256(key.encode()).hexdigest()[:20] + '.npz')
+
     def variables(self, cell: Cell, seed: int, lr: float, pretrained: dict | None = None,
                   pretrained_id: str | None = None, trainer: runner.Trainer | None = None) -> tuple[dict, dict] | None:
         """(final variables, run curves) of one run, retrained once and cached under WORKDIR/models."""
-        key = json.dumps([self.expected(cell, pretrained_id), seed, lr], sort_keys=True)
-        path = os.path.join(self.workdir, 'models', hashlib.sha256(key.encode()).hexdigest()[:20] + '.npz')
+        path = self.model_path(cell, seed, lr, pretrained_id)
         if os.path.exists(path):
             with np.load(path, allow_pickle=False) as stored:
                 curves = json.loads(str(stored['__curves__']))
@@ -647,8 +652,8 @@ def axis_forgetting(m: Map, size: dict, filters: Filters = Filters()) -> dict:
                     continue
                 method = m.method(name, dataset)
                 cell = m.cell(dataset, shots, method, m.width, tag='forgetting')
-                expected = {'runs': m.expected(m.cell(dataset, shots, method, m.width)), 'lr': base['chosen_lr'],
-                            'seeds': s.seeds}
+                expected = {'dataset': dataset, 'runs': m.expected(m.cell(dataset, shots, method, m.width)),
+                            'lr': base['chosen_lr'], 'seeds': s.seeds}
                 path = cell.path(m.workdir)
                 record = paper.load_group(path, expected)
                 if record is None and m.compute and filters.admit(dataset, shots, m.width, name) and not m.out_of_time():
@@ -734,7 +739,7 @@ def axis_continual(m: Map, size: dict, filters: Filters = Filters()) -> dict:
         a_method = m.method(a_name, a_set)
         a_cell = m.cell(a_set, a_shots, a_method, m.width)
         a_lr = a_group['chosen_lr']
-        a_id = json.dumps([m.expected(a_cell), a_lr], sort_keys=True)
+        a_id = json.dumps([a_set, m.expected(a_cell), a_lr], sort_keys=True)  # A's target: not in its fingerprint
         cache: dict[int, dict | None] = {}
 
         def model_after_a(seed, a_cell=a_cell, a_lr=a_lr, cache=cache):

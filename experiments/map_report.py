@@ -843,15 +843,21 @@ def forgetting_lines(m, forgetting: dict, labels: dict, size: SizeMap) -> list[s
         dropped = len(record['seeds']) - len(kept)
         # A vectorised grid (stored) and a single retrained run reduce in another order: float32 means
         # then differ in the last bits (~1e-7), far below one test example.
-        same += sum(r['stored_test'] is not None and abs(r['stored_test'] - r['target_test']) < 1e-6
-                    for r in record['seeds'])
+        reproduced = sum(r['stored_test'] is not None and abs(r['stored_test'] - r['target_test']) < 1e-6
+                         for r in record['seeds'])
+        same += reproduced
         total += len(record['seeds'])
         ft = forgetting.get((dataset, shots, 'finetune'))
         versus = '' if ft is None or name == 'finetune' else dtext(diff(
             after, {r['seed']: r['source_after'] for r in ft['seeds'] if r['seed'] not in ft_lost},
             len(lost | ft_lost)))
+        # A seed whose retrained run missed the stored one beyond float noise (even by an example) may not
+        # be the run the map measured: the row says so.
+        unlike = len(record['seeds']) - reproduced
         lines.append(f'| {short_task(dataset)} | {size_name(shots)} | {labels.get(name, name)} | '
-                     f'{seeds_text(target, len(record["seeds"]), dropped)} | '
+                     f'{seeds_text(target, len(record["seeds"]), dropped)}'
+                     + (f' ({unlike} of {len(record["seeds"])} retrained seeds differ from the stored run)' if unlike
+                        else '') + ' | '
                      f'{mean_ci(after)} | {dtext(diff(after, record["source_before"]))} | {versus} |')
     before = next(iter(forgetting.values()))['source_before']
     return [f'Source task (test split of `{m.base.init.source_dataset}`) before fine-tuning: {100 * before:.1f}%. '

@@ -1,5 +1,6 @@
 """The growth map's controls (issue 23): the NormScale-only arm, sweeps widened until the chosen
 rate is interior, and runs that collapsed named and kept out of means and tests."""
+import dataclasses
 import math
 
 import jax
@@ -198,3 +199,20 @@ def test_decomposition_adds_up_over_the_seeds_no_arm_lost():
     assert d.total.mean == pytest.approx(d.rescaling.mean + d.units.mean)
     assert d.units.mean == pytest.approx(np.mean([0.02, 0.01, 0.01, 0.05]))
     assert map_report.decompose(wa, map_report.Arm(group((0.8,) * 4), 0.01), finetune, 5) is None  # incomplete
+
+
+# ---------------------------------------------------------------------------------------------
+# Cached models are kept apart by target
+
+
+def test_cached_models_of_two_targets_with_one_fingerprint_are_kept_apart(tmp_path):
+    """A run's fingerprint does not hold its target (the group's path does): Greek and digits at 5 shots
+    train 60 steps each, so at one rate the forgetting axis read Greek's cached model for digits
+    (10 of 165 retrained seeds then missed their stored runs)."""
+    base = config_lib.base_config()
+    m = growth_map.Map(base, growth_map.FULL, str(tmp_path))
+    greek = growth_map.Cell('growjax_greek', 5, m.width, growth_map.make_method('wa', base, 128, 24), 60, 15)
+    digits = dataclasses.replace(greek, dataset='growjax_digits')
+    assert m.expected(greek) == m.expected(digits)  # why the key must hold the target
+    assert m.model_path(greek, 0, 0.01) != m.model_path(digits, 0, 0.01)
+    assert m.model_path(greek, 0, 0.01) == m.model_path(dataclasses.replace(greek), 0, 0.01)
