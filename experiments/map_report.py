@@ -764,7 +764,20 @@ def decomposition_lines(m, size: 'SizeMap', capacity: dict) -> tuple[list[str], 
     point = lambda d: f'{100 * d.mean:+.1f}{"*" if d.sign else ""}'
     ahead = [f'{row.replace(" | ", " ")}: {point(d.total)} = rescaling {point(d.rescaling)} + new units '
              f'{point(d.units)}' for row, d in rows if d.total.sign > 0]
-    sentence = (f'Capacity or rescaling (per-method rates, {len(rows)} cells of the size and capacity axes with all three '
+    ahead_rows = [d for _, d in rows if d.total.sign > 0]
+    by_rescaling = sum(d.rescaling.sign > 0 and d.units.sign <= 0 for d in ahead_rows)
+    by_units = sum(d.units.sign > 0 and d.rescaling.sign <= 0 for d in ahead_rows)
+    if ahead_rows and by_rescaling * 2 >= len(ahead_rows) and count('units', 1) < count('units', -1):
+        lead = (f'In short, what helps here is the rescaling, not the added capacity: of the {len(ahead_rows)} cells where '
+                f'WA-grow beats fine-tuning, the rescaling alone carries {by_rescaling} (the new units add nothing '
+                f'significant there), and over all {len(rows)} cells the new units on top of NormScale only win '
+                f'{count("units", 1)} and lose {count("units", -1)}. ')
+    elif ahead_rows and by_units * 2 >= len(ahead_rows):
+        lead = (f'In short, the gains are capacity: of the {len(ahead_rows)} cells where WA-grow beats fine-tuning, the '
+                f'new units carry {by_units} with no significant part from the rescaling. ')
+    else:
+        lead = ''
+    sentence = lead + (f'Capacity or rescaling (per-method rates, {len(rows)} cells of the size and capacity axes with all three '
                 f'arms): {counts}. '
                 + (f'Where WA-grow beats fine-tuning significantly, its gain splits as (points, * p < 0.05): '
                    f'{"; ".join(ahead)}.' if ahead else 'WA-grow beats fine-tuning significantly in none of these cells.'))
@@ -1091,8 +1104,9 @@ def section(m, results: dict, docs_dir: str, *, command: str, invocations: list[
     capacity_cells = capacity_verdicts(m, capacity)
     decomposition, decomposition_sentence = decomposition_lines(m, size, capacity)
     convergence, convergence_sentence = convergence_lines(m, results.get('convergence', {}))
-    verdict = [closing_note(size, facts, capacity_cells) if size.tasks else '(the size axis has not run yet)',
-               decomposition_sentence, convergence_sentence, rate_edges(m, size, capacity),
+    verdict = [decomposition_sentence,
+               closing_note(size, facts, capacity_cells) if size.tasks else '(the size axis has not run yet)',
+               convergence_sentence, rate_edges(m, size, capacity),
                collapse_sentence(m, size, capacity)]
     workdir = m.workdir
     reproduce = lambda axis: f'`python -m experiments.map --workdir={workdir} --axes={axis}`'
