@@ -384,23 +384,26 @@ def figure_capacity(m, capacity: dict, path: str) -> str | None:
     if not capacity:
         return None
     plt = _plt()
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6), squeeze=False)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), squeeze=False)
+    # The first column is the control (NormScale only: WA-grow's rescaling without its new units).
+    columns = [('normscale', None), *(('wa', ratio) for ratio in s.ratios)]
     for p, (protocol, label) in enumerate(PROTOCOLS):
-        grid = np.full((len(s.widths), len(s.ratios)), np.nan)
+        grid = np.full((len(s.widths), len(columns)), np.nan)
         marks = np.zeros_like(grid)
         for i, width in enumerate(s.widths):
-            for j, ratio in enumerate(s.ratios):
-                d = capacity_gain(m, capacity, width, 'wa', ratio, protocol)
+            for j, (name, ratio) in enumerate(columns):
+                d = capacity_gain(m, capacity, width, name, ratio, protocol)
                 if d is not None:
                     grid[i, j], marks[i, j] = 100 * d.mean, d.sign
         limit = max(1.0, float(np.nanmax(np.abs(grid)))) if np.isfinite(grid).any() else 1.0
         ax = axes[0][p]
         image = ax.imshow(grid, cmap='RdBu', vmin=-limit, vmax=limit, aspect='auto')
         annotate(ax, grid, marks, limit, 8)
-        ax.set_xticks(range(len(s.ratios)), [f'S = {r:g}\n x width' for r in s.ratios], fontsize=8)
+        ax.set_xticks(range(len(columns)), ['NormScale\nonly', *(f'WA-grow\nS={r:g}·w' for r in s.ratios)],
+                      fontsize=7)
         ax.set_yticks(range(len(s.widths)), [f'fc {w}' + ('' if np.isfinite(row).any() else ' (not run)')
                                              for w, row in zip(s.widths, grid)], fontsize=8)
-        ax.set_title(f'WA-grow − fine-tune: {label.split(" (")[0]}', fontsize=9)
+        ax.set_title(f'gain over fine-tuning: {label.split(" (")[0]}', fontsize=9)
         fig.colorbar(image, ax=ax, shrink=0.8, label='points')
     dataset, shots = s.capacity_cell
     fig.suptitle(f'Source capacity: {task_name(dataset)}, {size_name(shots)} per class', fontsize=10)
@@ -1192,7 +1195,8 @@ def section(m, results: dict, docs_dir: str, *, command: str, invocations: list[
         'fine-tuning of the same source model (points, [95% interval]):',
         '',
         *capacity_lines(m, results.get('capacity', {})),
-        *figure('map_capacity', f'WA-grow − fine-tuning by source width and S. From the `capacity` axis '
+        *figure('map_capacity', f'NormScale only and WA-grow − fine-tuning by source width and S (w: the source\'s fc '
+                                'width). From the `capacity` axis '
                                 f'({reproduce("capacity")}).'),
         '### Shared versus per-method learning rate',
         '',
