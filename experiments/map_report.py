@@ -716,18 +716,21 @@ def decompose(wa: Arm, normscale: Arm, finetune: Arm, seeds: int) -> Decompositi
                          diff(pick(wa), pick(normscale), left_out), left_out)
 
 
-DECOMPOSITION_PARTS = (('total', 'WA-grow − fine-tune'), ('rescaling', 'NormScale only − fine-tune (the rescaling)'),
-                       ('units', 'WA-grow − NormScale only (the new units)'))
+DECOMPOSITION_PARTS = (('total', 'growth − fine-tune'), ('rescaling', 'NormScale only − fine-tune (the rescaling)'),
+                       ('units', 'growth − NormScale only (the new units)'))
+DECOMPOSED = ('wa', 'wwa')  # growth methods whose classifier reads the old fc7 units through NormScale
 
 
 def decompositions(m, size: 'SizeMap', capacity: dict, protocol: str) -> list[tuple[str, Decomposition]]:
-    """(row label, Decomposition) of every complete cell: the size axis, then the capacity axis (every S)."""
+    """('target | size | growth' row, Decomposition) of every complete cell: the size axis (WA-grow and
+    WWA), then the capacity axis (WA-grow at every S)."""
     rows = []
     for dataset in size.tasks:
         for shots in size.sizes(dataset):
-            arms = [size.arm(dataset, shots, name, protocol) for name in ('wa', 'normscale', 'finetune')]
-            if (d := decompose(*arms, m.settings.seeds)) is not None:
-                rows.append((f'{short_task(dataset)} | {size_name(shots)}', d))
+            for name in (n for n in DECOMPOSED if n in size.methods):
+                arms = [size.arm(dataset, shots, key, protocol) for key in (name, 'normscale', 'finetune')]
+                if (d := decompose(*arms, m.settings.seeds)) is not None:
+                    rows.append((f'{short_task(dataset)} | {size_name(shots)} | {size.labels[name]}', d))
     dataset, shots = m.settings.capacity_cell
     shots = m.size(dataset, shots)
     in_size = size.groups.get((dataset, shots, 'wa'))
@@ -738,7 +741,8 @@ def decompositions(m, size: 'SizeMap', capacity: dict, protocol: str) -> list[tu
             if in_size and wa.group and wa.group['fingerprint'] == in_size['fingerprint']:
                 continue  # the size axis's own cell (same files), already a row
             if (d := decompose(wa, normscale, ft, m.settings.seeds)) is not None:
-                rows.append((f'{short_task(dataset)} | {size_name(shots)}, fc {width}, S = {ratio:g} x width', d))
+                rows.append((f'{short_task(dataset)} | {size_name(shots)}, fc {width} | WA-grow S = {ratio:g} x width',
+                             d))
     return rows
 
 
@@ -750,13 +754,13 @@ def decomposition_lines(m, size: 'SizeMap', capacity: dict) -> tuple[list[str], 
         if not rows:
             continue
         lines += [f'{label[0].upper()}{label[1:]}:', '',
-                  '| target | examples per class (capacity: source width, S) | '
-                  + ' | '.join(text for _, text in DECOMPOSITION_PARTS) + ' |', '|---' * (2 + len(DECOMPOSITION_PARTS)) + '|']
+                  '| target | examples per class (capacity: source width) | growth | '
+                  + ' | '.join(text for _, text in DECOMPOSITION_PARTS) + ' |', '|---' * (3 + len(DECOMPOSITION_PARTS)) + '|']
         lines += [f'| {row} | ' + ' | '.join(d.cell(part, m.settings.seeds) for part, _ in DECOMPOSITION_PARTS)
                   + ' |' for row, d in rows]
         lines.append('')
     if not lines:
-        return ['(NormScale only has not run beside WA-grow and fine-tuning yet)', ''], ''
+        return ['(NormScale only has not run beside a growth method and fine-tuning yet)', ''], ''
     rows = [(row, d) for row, d in decompositions(m, size, capacity, 'own') if d.total is not None]
     if not rows:
         return lines, ('Capacity or rescaling: no cell with all three arms kept two seeds where none collapsed, '
@@ -765,25 +769,31 @@ def decomposition_lines(m, size: 'SizeMap', capacity: dict) -> tuple[list[str], 
     counts = '; '.join(f'{text.split(" (")[0]}: {count(part, 1)} ahead, {count(part, -1)} behind'
                        for part, text in DECOMPOSITION_PARTS)
     point = lambda d: f'{100 * d.mean:+.1f}{"*" if d.sign else ""}'
-    ahead = [f'{row.replace(" | ", " ")}: {point(d.total)} = rescaling {point(d.rescaling)} + new units '
-             f'{point(d.units)}' for row, d in rows if d.total.sign > 0]
-    ahead_rows = [d for _, d in rows if d.total.sign > 0]
-    by_rescaling = sum(d.rescaling.sign > 0 and d.units.sign <= 0 for d in ahead_rows)
-    by_units = sum(d.units.sign > 0 and d.rescaling.sign <= 0 for d in ahead_rows)
-    if ahead_rows and by_rescaling * 2 >= len(ahead_rows) and count('units', 1) < count('units', -1):
-        lead = (f'In short, what helps here is the rescaling, not the added capacity: of the {len(ahead_rows)} cells where '
-                f'WA-grow beats fine-tuning, the rescaling alone carries {by_rescaling} (the new units add nothing '
-                f'significant there), and over all {len(rows)} cells the new units on top of NormScale only win '
-                f'{count("units", 1)} and lose {count("units", -1)}. ')
-    elif ahead_rows and by_units * 2 >= len(ahead_rows):
-        lead = (f'In short, the gains are capacity: of the {len(ahead_rows)} cells where WA-grow beats fine-tuning, the '
-                f'new units carry {by_units} with no significant part from the rescaling. ')
-    else:
+    ahead = [(row, d) for row, d in rows if d.total.sign > 0]
+    splits = [f'{" ".join(row.split(" | "))}: {point(d.total)} = rescaling {point(d.rescaling)} + new units '
+              f'{point(d.units)}' for row, d in ahead]
+    by_rescaling = sum(d.rescaling.sign > 0 and d.units.sign <= 0 for _, d in ahead)
+    by_units = sum(d.units.sign > 0 and d.rescaling.sign <= 0 for _, d in ahead)
+    where_ = (f'of the {len(ahead)} cells where growing (WA-grow, WWA) beats fine-tuning, the rescaling alone carries '
+              f'{by_rescaling}, the new units alone {by_units}')
+    shared = [d for _, d in decompositions(m, size, capacity, 'shared') if d.rescaling is not None]
+    shared_up, shared_down = (sum(d.rescaling.sign == sign for d in shared) for sign in (1, -1))
+    overall = (f'; over all {len(rows)} pairs NormScale only alone beats fine-tuning in {count("rescaling", 1)}, and '
+               f'the new units on top of it win {count("units", 1)} and lose {count("units", -1)} (each at its own '
+               f'rate; at fine-tuning\'s rate NormScale only is ahead in {shared_up} and behind in {shared_down} of '
+               f'{len(shared)}' + (', so its gain needs its own rate' if shared_down > shared_up else '') + '). ')
+    if not ahead:
         lead = ''
-    sentence = lead + (f'Capacity or rescaling (per-method rates, {len(rows)} cells of the size and capacity axes with all three '
-                f'arms): {counts}. '
-                + (f'Where WA-grow beats fine-tuning significantly, its gain splits as (points, * p < 0.05): '
-                   f'{"; ".join(ahead)}.' if ahead else 'WA-grow beats fine-tuning significantly in none of these cells.'))
+    elif by_rescaling > 2 * by_units:
+        lead = f'In short, what helps here is mostly the rescaling, not the added capacity: {where_}{overall}'
+    elif by_units > 2 * by_rescaling:
+        lead = f'In short, the gains are mostly capacity: {where_}{overall}'
+    else:
+        lead = f'In short, both matter, in different places: {where_}{overall}'
+    sentence = lead + (f'Per-method rates, {len(rows)} (cell, growth method) pairs of the size and capacity axes with '
+                       f'all three arms: {counts}. '
+                       + (f'Where growing beats fine-tuning significantly, its gain splits as (points, * p < 0.05): '
+                          f'{"; ".join(splits)}.' if splits else 'Growing beats fine-tuning significantly in none.'))
     return lines, sentence
 
 
@@ -1163,12 +1173,15 @@ def section(m, results: dict, docs_dir: str, *, command: str, invocations: list[
         *size_tables(size),
         '### Capacity or rescaling? NormScale only',
         '',
-        'WA-grow changes two things at once: it adds S units to fc7, and the classifier reads the old fc7 units '
+        'WA-grow (and WWA) change two things at once: they add units, and the classifier reads the old fc7 units '
         'through NormScale (each group L2-normalised, times a learned γ starting at '
         f'{m.base.growth.scale_init:g}). NormScale only (`growth.method=normscale`) is the second change alone: no '
-        'new units, the classifier reads γ · fc7 / ||fc7||. Paired over the same seeds (those where none of the '
-        'three arms collapsed), so the first column is the sum of the other two (where an arm lost a seed, the first '
-        'column can differ from the gain tables, which pair two arms):',
+        'new units, the classifier reads γ · fc7 / ||fc7||, exactly as WA-grow\'s classifier reads the old units '
+        '(WWA also widens fc6, and its fc7 units read fc6 through NormScale: what it adds on top of NormScale only '
+        'is its new units and that second rescaling). Paired over the same seeds (those where none of the three '
+        'arms collapsed), so the first gain column is the sum of the other two (where an arm lost a seed, it can '
+        'differ from the gain tables, which pair two arms). The capacity axis\'s rows at one source width share its '
+        'NormScale only and fine-tune arms, so they are not independent findings:',
         '',
         *decomposition,
         '### Verdicts per region',
