@@ -276,7 +276,7 @@ def test_quick_end_to_end_and_report_from_the_store(tiny, tmp_path):
                      '### Verdicts per region', '### Convergence', '### Source capacity', '### Forgetting',
                      '### Continual growth', 'γ from data', '### Verdict', '--quick', 'Strongest case',
                      'the steps was significantly better in', '### Capacity or rescaling? NormScale only',
-                     'WA-grow − NormScale only (the new units)', 'Chosen rates still at an edge of the rates swept',
+                     'growth − NormScale only (the new units)', 'Chosen rates still at an edge of the rates swept',
                      'Collapsed runs:', 'is the same at 1x and 2x in'):
         assert expected in text, expected
     verdict = text.split('### Verdict')[1].split('### Set-up')[0]
