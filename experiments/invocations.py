@@ -3,6 +3,8 @@ what it computed, so a page can list the commands that produced its numbers."""
 import json
 import os
 
+from growjax.outputs import read_jsonl
+
 FILE = 'invocations.jsonl'
 
 
@@ -13,8 +15,4 @@ def record(workdir: str, entry: dict) -> None:
 
 
 def read(workdir: str) -> list[dict]:
-    path = os.path.join(workdir, FILE)
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return read_jsonl(os.path.join(workdir, FILE))

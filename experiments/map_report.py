@@ -458,20 +458,15 @@ def figure_lr(m, lr: dict, labels: dict, path: str) -> str | None:
 
 
 def capacity_gain(m, capacity: dict, width: int, method: str, ratio, protocol: str) -> Diff | None:
-    group = capacity.get((width, method, ratio))
-    ft = capacity.get((width, 'finetune', None))
-    if group is None or ft is None:
-        return None
     return paired(*capacity_arms(m, capacity, width, method, ratio, protocol), m.settings.seeds)
 
 
-def capacity_arms(m, capacity: dict, width: int, method: str, ratio, protocol: str,
-                  reference: tuple = ('finetune', None)) -> tuple[Arm, Arm]:
-    """(method's arm, reference's arm) at one source width; under 'shared' both at fine-tuning's rate."""
-    group, ref, ft = (capacity.get((width, *key)) for key in ((method, ratio), reference, ('finetune', None)))
+def capacity_arms(m, capacity: dict, width: int, method: str, ratio, protocol: str) -> tuple[Arm, Arm]:
+    """(method's arm, fine-tuning's arm) at one source width; under 'shared' both at fine-tuning's rate."""
+    group, ft = capacity.get((width, method, ratio)), capacity.get((width, 'finetune', None))
     ft_rate = ft.get('chosen_lr') if ft else None
-    rate = lambda g: (g.get('chosen_lr') if protocol == 'own' else ft_rate) if g else None
-    return Arm(group, rate(group), m.settings.seeds), Arm(ref, rate(ref), m.settings.seeds)
+    rate = group.get('chosen_lr') if group and protocol == 'own' else ft_rate
+    return Arm(group, rate if group else None, m.settings.seeds), Arm(ft, ft_rate, m.settings.seeds)
 
 
 def size_tables(size: SizeMap) -> list[str]:

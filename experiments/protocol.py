@@ -81,7 +81,11 @@ def select_learning_rate(runs: Sequence[dict], sweep_seeds: Sequence[int], rates
                          ) -> float:
     """The rate with the best mean final validation accuracy over the sweep seeds (ties: the lower);
     only among `rates` when given (runs at other rates, e.g. kept from another sweep, are ignored)."""
-    scores = validation_scores(runs, sweep_seeds, rates)
+    return best_rate(validation_scores(runs, sweep_seeds, rates))
+
+
+def best_rate(scores: dict[float, float]) -> float:
+    """The rate of the best score (ties: the lower rate)."""
     return min(scores, key=lambda lr: (-scores[lr], lr))
 
 
@@ -117,7 +121,7 @@ def sweep(runs: Sequence[dict], sweep_seeds: Sequence[int], rates: Sequence[floa
         return Sweep(tuple(rates), None)
     while True:
         scores = validation_scores(runs, sweep_seeds, rates)
-        chosen = min(scores, key=lambda lr: (-scores[lr], lr))
+        chosen = best_rate(scores)
         if len(rates) == 1 or chosen not in (rates[0], rates[-1]):
             return Sweep(tuple(rates), chosen)
         low = chosen == rates[0]

@@ -12,12 +12,16 @@ METRICS_FILE = 'metrics.jsonl'
 CURVES_FILE = 'curves.png'
 
 
-def read_metrics(workdir: str) -> list[dict]:
-    path = os.path.join(workdir, METRICS_FILE)
+def read_jsonl(path: str) -> list[dict]:
+    """The JSON objects of a JSON-lines file, one per non-blank line ([] when it does not exist yet)."""
     if not os.path.exists(path):
         return []
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+def read_metrics(workdir: str) -> list[dict]:
+    return read_jsonl(os.path.join(workdir, METRICS_FILE))
 
 
 class MetricsWriter:
