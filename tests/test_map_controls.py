@@ -216,3 +216,34 @@ def test_cached_models_of_two_targets_with_one_fingerprint_are_kept_apart(tmp_pa
     assert m.expected(greek) == m.expected(digits)  # why the key must hold the target
     assert m.model_path(greek, 0, 0.01) != m.model_path(digits, 0, 0.01)
     assert m.model_path(greek, 0, 0.01) == m.model_path(dataclasses.replace(greek), 0, 0.01)
+
+
+# ---------------------------------------------------------------------------------------------
+# Hurried mistakes with the new pieces end in a right result or a clear error
+
+
+def test_a_ladder_given_out_of_order_widens_the_same_way():
+    group = protocol.run_protocol(PeakTrainer(1e-4), 1, SETTINGS, ladder=protocol.RATE_LADDER[::-1])
+    assert group['chosen_lr'] == 1e-4 and group['rates'] == [3e-5, 1e-4, 3e-4, 0.001, 0.003, 0.01, 0.03]
+
+
+class DriftingTrainer(PeakTrainer):
+    """Returns its runs at a rate a hair off the one asked for (e.g. a rate recomputed in float32)."""
+
+    def run(self, shots, seeds, learning_rates, **kwargs):
+        runs = super().run(shots, seeds, learning_rates, **kwargs)
+        for run in runs:
+            if run.learning_rate < 0.001:
+                run.learning_rate *= 1 + 1e-7
+        return runs
+
+
+def test_a_trainer_that_alters_the_rate_is_an_error_not_an_endless_sweep():
+    with pytest.raises(RuntimeError, match='asked twice for rate 0.0003'):
+        protocol.run_protocol(DriftingTrainer(1e-4), 1, SETTINGS, ladder=protocol.RATE_LADDER)
+
+
+def test_a_group_read_without_its_chance_limit_raises_instead_of_averaging_collapsed_runs():
+    group = {'runs': [_run(0, 0.1, loss=float('nan')), _run(1, 0.8)]}  # not through experiments.map.with_choice
+    with pytest.raises(KeyError, match='chance_limit'):
+        map_report.values(group, 0.01)
